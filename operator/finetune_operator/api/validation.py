@@ -1,0 +1,383 @@
+"""Offline validation of FineTuneJob manifests: the CRD's rules plus what a CRD cannot express.
+
+The same rules the API server applies are applied here, from the same source: pydantic checks types, enums and
+ranges (the CRD schema is generated from those models), and the CRD's own `x-kubernetes-validations` CEL rules
+are evaluated on the defaulted object with cel-python. Semantic checks that need more than one object's fields or
+knowledge of where the job will run (cluster or local mode) come last.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import celpy
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .base import API_VERSION, KIND, URI_PATTERN
+from .crd import MAX_NAME_LENGTH, open_api_schema
+from .spec import FineTuneJobSpec
+
+Target = Literal["cluster", "local"]
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LOCAL_SCHEMES = ("file://", "/", "./", "../")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: where, what is wrong and how to fix it."""
+
+    path: str
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def format(self, source: str = "") -> str:
+        prefix = f"{source}: " if source else ""
+        tag = "" if self.severity == "error" else "warning: "
+        return f"{prefix}{tag}{self.path}: {self.message}"
+
+
+class InvalidJobError(ValueError):
+    """A manifest that does not validate; `problems` says why."""
+
+    def __init__(self, problems: list[Problem], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(p.format(source) for p in problems if p.severity == "error"))
+
+
+# ---------------------------------------------------------------- schema level (pydantic)
+
+
+def _path(loc: Iterable[Any], prefix: str = "spec") -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The wire names allowed at `loc` (for 'did you mean' hints)."""
+    from .crd import _model_in
+
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None or isinstance(part, int):
+            continue
+        field = next((f for n, f in current.model_fields.items() if part in (n, f.alias)), None)
+        current = _model_in(field.annotation) if field else None
+    if current is None:
+        return []
+    return [f.alias or n for n, f in current.model_fields.items()]
+
+
+def _pydantic_problems(err: ValidationError) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        got = e.get("input")
+        kind = e["type"]
+        if kind == "missing":
+            msg = f"is required: add {_path(loc)}"
+        elif kind == "extra_forbidden":
+            allowed = _fields_at(FineTuneJobSpec, loc[:-1])
+            guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean '{guess[0]}'?" if guess else f"allowed fields: {', '.join(allowed)}"
+            msg = f"unknown field '{loc[-1]}': {hint}"
+        elif kind == "string_pattern_mismatch" and e.get("ctx", {}).get("pattern") == URI_PATTERN:
+            msg = (
+                f"'{got}' is not a location this operator reads: use hf://org/name, s3://bucket/path, "
+                "gs://bucket/path, pvc://CLAIM/path, or file:///abs/path or a ./relative path (local mode)"
+            )
+        elif kind == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            msg = f"must be one of {expected} (got {got!r})"
+        else:
+            text = e["msg"][0].lower() + e["msg"][1:]
+            text = text.removeprefix("input ").removeprefix("value error, ")
+            msg = f"{text} (got {got!r})" if not isinstance(got, dict | list) else text
+        problems.append(Problem(_path(loc), msg))
+    return problems
+
+
+# ---------------------------------------------------------------- CRD CEL rules (cel-python)
+
+
+@cache
+def _schema() -> dict[str, Any]:
+    return open_api_schema()
+
+
+@cache
+def _program(rule: str) -> Any:
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def _to_cel(value: Any, schema: dict[str, Any]) -> Any:
+    """Coerce numbers the way the API server types them before CEL sees them (number -> double)."""
+    kind = schema.get("type")
+    if kind == "number" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind == "object" and isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else {}
+        return {k: _to_cel(v, props.get(k, extra)) for k, v in value.items()}
+    if kind == "array" and isinstance(value, list):
+        return [_to_cel(v, schema.get("items", {})) for v in value]
+    return value
+
+
+def evaluate_rule(rule: str, self_value: Any, old_value: Any = None) -> bool:
+    """Evaluate one CEL rule the way the API server would (`oldSelf` only on update)."""
+    activation = {"self": celpy.json_to_cel(self_value)}
+    if old_value is not None:
+        activation["oldSelf"] = celpy.json_to_cel(old_value)
+    result = _program(rule).evaluate(activation)
+    if isinstance(result, Exception):
+        raise result
+    return bool(result)
+
+
+def _cel_problems(schema: dict[str, Any], value: Any, path: str, old: Any = None) -> Iterator[Problem]:
+    if value is None:
+        return
+    for entry in schema.get("x-kubernetes-validations", []):
+        is_transition = "oldSelf" in entry["rule"]
+        if is_transition and old is None:
+            continue
+        typed = _to_cel(value, schema)
+        typed_old = _to_cel(old, schema) if is_transition else None
+        try:
+            ok = evaluate_rule(entry["rule"], typed, typed_old)
+        except Exception as exc:  # a rule that cannot evaluate is a rule that rejects, as in the API server
+            ok = False
+            entry = {**entry, "message": f"{entry['message']} ({exc})"}
+        if not ok:
+            where = path + entry.get("fieldPath", "") if path else entry.get("fieldPath", "").lstrip(".")
+            yield Problem(where or "(root)", entry["message"])
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for key, child in value.items():
+            sub = props.get(key) or (
+                schema["additionalProperties"] if isinstance(schema.get("additionalProperties"), dict) else None
+            )
+            if sub is not None:
+                child_old = old.get(key) if isinstance(old, dict) else None
+                yield from _cel_problems(sub, child, f"{path}.{key}" if path else key, child_old)
+    elif isinstance(value, list) and "items" in schema:
+        for i, child in enumerate(value):
+            yield from _cel_problems(schema["items"], child, f"{path}[{i}]")
+
+
+# ---------------------------------------------------------------- semantic checks
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(LOCAL_SCHEMES)
+
+
+def local_path(uri: str, base_dir: Path | None = None) -> Path:
+    """The filesystem path of a file:// URI or plain path; relative paths are relative to `base_dir`."""
+    raw = uri.removeprefix("file://")
+    path = Path(raw)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
+
+
+def _locations(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
+    found = [
+        ("spec.model.source", spec.model.source),
+        ("spec.dataset.source", spec.dataset.source),
+        ("spec.output.uri", spec.output.uri),
+    ]
+    if spec.model.tokenizer and spec.model.tokenizer.source:
+        found.append(("spec.model.tokenizer.source", spec.model.tokenizer.source))
+    if spec.dataset.eval_source:
+        found.append(("spec.dataset.evalSource", spec.dataset.eval_source))
+    if spec.training.grpo and spec.training.grpo.reward.source:
+        found.append(("spec.training.grpo.reward.source", spec.training.grpo.reward.source))
+    return found
+
+
+def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | None = None) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def error(path: str, msg: str) -> None:
+        problems.append(Problem(path, msg))
+
+    def warn(path: str, msg: str) -> None:
+        problems.append(Problem(path, msg, "warning"))
+
+    for path, uri in _locations(spec):
+        if target == "cluster" and _is_local(uri):
+            error(
+                path,
+                f"'{uri}' is a local path, which only `finetune-operator run` (local mode) can read: "
+                "on a cluster use pvc://CLAIM/path, s3://, gs:// or hf://",
+            )
+        if target == "local" and uri.startswith("pvc://"):
+            error(
+                path,
+                f"'{uri}' names a PersistentVolumeClaim, which needs a cluster: in local mode use a "
+                "path or file:// URI",
+            )
+        if (
+            target == "local"
+            and _is_local(uri)
+            and path != "spec.output.uri"
+            and not local_path(uri, base_dir).exists()
+        ):
+            error(
+                path,
+                f"'{local_path(uri, base_dir)}' does not exist: fix the path (relative paths are "
+                "relative to the manifest's folder)",
+            )
+
+    if spec.model.source.startswith("hf://") and not spec.model.revision:
+        warn(
+            "spec.model.revision",
+            "not pinned: the Hub branch can move under you; set a commit for a "
+            "reproducible run (the resolved commit is recorded in status.lineage)",
+        )
+    if spec.model.trust_remote_code:
+        warn("spec.model.trustRemoteCode", "runs Python code shipped with the model inside your pods")
+
+    ds = spec.dataset
+    if ds.packing and ds.format == "preference":
+        error("spec.dataset.packing", "preference pairs cannot be packed: set packing: false")
+    if ds.format == "chat" and "messages" not in ds.columns and ds.columns.keys() & {"role", "content"}:
+        warn("spec.dataset.columns", "role/content mapped but not messages: the column 'messages' is assumed")
+    if ds.cleaning.max_tokens and ds.cleaning.max_tokens > ds.max_seq_length:
+        warn(
+            "spec.dataset.cleaning.maxTokens",
+            f"rows between maxSeqLength ({ds.max_seq_length}) and "
+            f"maxTokens ({ds.cleaning.max_tokens}) are kept but truncated",
+        )
+    for role, column in ds.columns.items():
+        if not column.strip():
+            error(f"spec.dataset.columns.{role}", "column name is empty")
+
+    tr = spec.training
+    if tr.dpo and tr.dpo.max_prompt_length and tr.dpo.max_prompt_length >= ds.max_seq_length:
+        error(
+            "spec.training.dpo.maxPromptLength",
+            f"must be less than spec.dataset.maxSeqLength ({ds.max_seq_length}) to leave room for the responses",
+        )
+    if tr.grpo and tr.grpo.max_completion_length >= ds.max_seq_length:
+        error(
+            "spec.training.grpo.maxCompletionLength",
+            f"must be less than spec.dataset.maxSeqLength ({ds.max_seq_length}) to leave room for the prompt",
+        )
+    if tr.optimizer == "paged_adamw_8bit" and spec.resources.gpus_per_worker == 0:
+        error("spec.training.optimizer", "paged_adamw_8bit needs GPUs: use adamw_torch on CPU workers")
+    quant = spec.method.quantization
+    if quant and tr.precision == "fp16" and quant.compute_dtype == "bfloat16":
+        warn("spec.method.quantization.computeDtype", "bfloat16 compute with fp16 training: set one dtype")
+
+    res = spec.resources
+    if spec.distributed.strategy == "fsdp" and res.workers * max(res.gpus_per_worker, 1) == 1:
+        warn("spec.distributed.strategy", "fsdp with a single process shards nothing: use ddp")
+    if target == "cluster" and res.gpus_per_worker == 0:
+        warn("spec.resources.gpusPerWorker", "0: training runs on CPU, which suits only tiny models")
+
+    lower_is_better = {"perplexity"}
+    for i, gate in enumerate(spec.evaluation.gates):
+        if gate.metric in lower_is_better and gate.min is not None and gate.max is None:
+            warn(f"spec.evaluation.gates[{i}]", f"{gate.metric} is lower-is-better: a max gate is usual")
+        if gate.metric not in lower_is_better and gate.max is not None and gate.min is None:
+            warn(f"spec.evaluation.gates[{i}]", f"{gate.metric} is higher-is-better: a min gate is usual")
+    gen = spec.evaluation.generation
+    if gen.temperature == 0 and gen.top_p < 1:
+        warn("spec.evaluation.generation.topP", "ignored with temperature 0 (greedy decoding)")
+
+    out = spec.output
+    if out.uri.startswith(("s3://", "gs://")) and not out.credentials and not spec.service_account_name:
+        warn(
+            "spec.output.credentials",
+            "no credentials or serviceAccountName: the upload relies on the nodes' own identity",
+        )
+    return problems
+
+
+# ---------------------------------------------------------------- whole objects
+
+
+def validate_object(
+    obj: Any, *, target: Target = "cluster", base_dir: Path | None = None, old: dict[str, Any] | None = None
+) -> tuple[FineTuneJobSpec | None, list[Problem]]:
+    """Validate one FineTuneJob object. Returns the parsed spec (None when invalid) and every problem found."""
+    problems: list[Problem] = []
+    if not isinstance(obj, dict):
+        return None, [Problem("(document)", "is not a mapping: a FineTuneJob manifest is a YAML object")]
+    if obj.get("apiVersion") != API_VERSION:
+        problems.append(Problem("apiVersion", f"must be {API_VERSION} (got {obj.get('apiVersion')!r})"))
+    if obj.get("kind") != KIND:
+        problems.append(Problem("kind", f"must be {KIND} (got {obj.get('kind')!r})"))
+    meta = obj.get("metadata") or {}
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not name and not (isinstance(meta, dict) and meta.get("generateName")):
+        problems.append(Problem("metadata.name", "is required"))
+    elif name and (not DNS_SUBDOMAIN.match(name) or len(name) > MAX_NAME_LENGTH):
+        problems.append(
+            Problem(
+                "metadata.name",
+                f"'{name}' must be at most {MAX_NAME_LENGTH} lower-case letters, "
+                "digits and '-', starting and ending with a letter or digit "
+                "(child Jobs and pods are named after it)",
+            )
+        )
+    raw_spec = obj.get("spec")
+    if not isinstance(raw_spec, dict):
+        problems.append(Problem("spec", "is required and must be a mapping"))
+        return None, problems
+    try:
+        spec = FineTuneJobSpec.model_validate(raw_spec)
+    except ValidationError as err:
+        return None, problems + _pydantic_problems(err)
+
+    defaulted = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": meta, "spec": spec.wire()}
+    if old is not None and "status" in old:
+        defaulted["status"] = old["status"]
+    problems.extend(_cel_problems(_schema(), defaulted, "", old))
+    if not any(p.severity == "error" for p in problems):
+        problems.extend(semantic_problems(spec, target, base_dir))
+    ok = not any(p.severity == "error" for p in problems)
+    return (spec if ok else None), problems
+
+
+def load_documents(path: Path) -> list[Any]:
+    """Every YAML document in a file (empty documents skipped)."""
+    with path.open() as handle:
+        return [doc for doc in yaml.safe_load_all(handle) if doc is not None]
+
+
+def iter_manifest_files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+        else:
+            yield path
+
+
+def load_job(path: Path, *, target: Target = "local") -> tuple[dict[str, Any], FineTuneJobSpec, list[Problem]]:
+    """Read the single FineTuneJob in a manifest file and validate it; raises InvalidJobError."""
+    try:
+        docs = [d for d in load_documents(path) if isinstance(d, dict) and d.get("kind") == KIND]
+    except yaml.YAMLError as exc:
+        raise InvalidJobError([Problem("(file)", f"is not valid YAML: {exc}")], str(path)) from exc
+    if len(docs) != 1:
+        raise InvalidJobError(
+            [Problem("(file)", f"holds {len(docs)} FineTuneJobs; give a file with exactly one")], str(path)
+        )
+    spec, problems = validate_object(docs[0], target=target, base_dir=path.parent.resolve())
+    if spec is None:
+        raise InvalidJobError(problems, str(path))
+    return docs[0], spec, problems

@@ -1,0 +1,94 @@
+"""The `finetune-operator` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from .api.crd import CRD_FILE, render_crd
+    from .api.reference import REFERENCE_FILE, render_reference
+
+    outputs = {CRD_FILE: render_crd(), REFERENCE_FILE: render_reference()}
+    if args.check:
+        stale = [path for path, text in outputs.items() if not path.exists() or path.read_text() != text]
+        for path in stale:
+            print(f"{path} is out of date: run `finetune-operator crd --write`", file=sys.stderr)
+        return 1 if stale else 0
+    if args.write:
+        for path, text in outputs.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
+        return 0
+    sys.stdout.write(outputs[REFERENCE_FILE] if args.reference else outputs[CRD_FILE])
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .api.base import KIND
+    from .api.validation import iter_manifest_files, load_documents, validate_object
+
+    errors = warnings = jobs = 0
+    for path in iter_manifest_files(Path(p) for p in args.files):
+        try:
+            docs = load_documents(path)
+        except (OSError, yaml.YAMLError) as exc:
+            print(f"{path}: cannot read: {exc}")
+            errors += 1
+            continue
+        for index, doc in enumerate(docs):
+            if isinstance(doc, dict) and doc.get("kind") not in (KIND, None) and not args.strict_kinds:
+                continue
+            jobs += 1
+            source = f"{path}" if len(docs) == 1 else f"{path}[{index}]"
+            _, problems = validate_object(doc, target=args.target, base_dir=path.parent.resolve())
+            for problem in problems:
+                if problem.severity == "warning" and args.quiet:
+                    continue
+                print(problem.format(source))
+            errors += sum(p.severity == "error" for p in problems)
+            warnings += sum(p.severity == "warning" for p in problems)
+    sys.stdout.flush()
+    print(f"{jobs} FineTuneJob(s) checked: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    return 1 if errors or jobs == 0 else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crd = sub.add_parser("crd", help="print the FineTuneJob CRD generated from the API models")
+    mode = crd.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write it to crds/ and docs/api-reference.md")
+    mode.add_argument("--reference", action="store_true", help="print the Markdown API reference instead")
+    mode.add_argument("--check", action="store_true", help="exit 1 if crds/ differs from the models")
+    crd.set_defaults(func=_cmd_crd)
+
+    validate = sub.add_parser(
+        "validate", help="check FineTuneJob manifests offline (CRD rules + semantic checks); exit 1 on any error"
+    )
+    validate.add_argument("files", nargs="+", help="manifest files or folders")
+    validate.add_argument(
+        "--target",
+        choices=["cluster", "local"],
+        default="cluster",
+        help="where the job will run: cluster (default) or local (finetune-operator run)",
+    )
+    validate.add_argument("--quiet", "-q", action="store_true", help="print errors only")
+    validate.add_argument("--strict-kinds", action="store_true", help="treat other kinds as FineTuneJobs too")
+    validate.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
