@@ -58,6 +58,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if errors or jobs == 0 else 0
 
 
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from .stages.runner import run_stage
+
+    return run_stage(args.stage, args.config, args.workdir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--quiet", "-q", action="store_true", help="print errors only")
     validate.add_argument("--strict-kinds", action="store_true", help="treat other kinds as FineTuneJobs too")
     validate.set_defaults(func=_cmd_validate)
+
+    from .stages.runner import add_arguments
+
+    stage = sub.add_parser("stage", help="run one stage program (what the stage pods run)")
+    add_arguments(stage)
+    stage.set_defaults(func=_cmd_stage)
     return parser
 
 

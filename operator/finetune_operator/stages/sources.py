@@ -1,0 +1,150 @@
+"""Resolve model, tokenizer and dataset locations and bring them into the workdir (once)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..api.spec import Credentials
+from .contract import StageConfig, StageError
+
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+# Environment variables the operator fills from spec.*.credentials.secretRef (when a key is given).
+TOKEN_ENV = {"model": "FT_MODEL_TOKEN", "dataset": "FT_DATASET_TOKEN", "output": "FT_OUTPUT_TOKEN"}
+
+
+@dataclass(frozen=True)
+class Location:
+    scheme: str  # hf | s3 | gs | local
+    path: str  # repo id for hf, URL for s3/gs, filesystem path for local
+
+
+def parse_location(uri: str, config: StageConfig) -> Location:
+    """pvc:// and file:// and plain paths become filesystem paths; hf/s3/gs stay remote."""
+    if uri.startswith("hf://"):
+        repo = uri.removeprefix("hf://").removeprefix("datasets/").strip("/")
+        return Location("hf", repo)
+    if uri.startswith(("s3://", "gs://")):
+        return Location(uri[:2], uri)
+    if uri.startswith("pvc://"):
+        return Location("local", str(Path(config.pvc_root) / uri.removeprefix("pvc://")))
+    raw = uri.removeprefix("file://")
+    path = Path(raw)
+    if not path.is_absolute() and config.base_dir:
+        path = Path(config.base_dir) / path
+    return Location("local", str(path))
+
+
+def token_for(kind: str, credentials: Credentials | None) -> str | None:
+    """The token mounted for `kind` (model, dataset, output), falling back to the standard HF_TOKEN."""
+    if credentials is not None and credentials.secret_ref.key:
+        return os.environ.get(TOKEN_ENV[kind]) or None
+    return os.environ.get("HF_TOKEN") or None
+
+
+def copy_remote(url: str, dest: Path) -> Path:
+    """Copy a file or a prefix from an fsspec URL (s3://, gs://, memory://...) into `dest`."""
+    try:
+        import fsspec
+    except ImportError as exc:  # pragma: no cover - fsspec is part of the train extra
+        raise StageError("fsspec is not installed in the trainer image") from exc
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        raise StageError(
+            f"cannot read {url}: {exc}. The trainer image needs the filesystem package "
+            "(s3fs for s3://, gcsfs for gs://)",
+            config_error=True,
+        ) from exc
+    if not fs.exists(path):
+        raise StageError(f"{url} does not exist (or the credentials cannot see it)", config_error=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    if fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
+        return dest
+    target = dest / Path(path).name
+    fs.get(path, str(target))
+    return target
+
+
+def fetch_model_dir(
+    uri: str, revision: str | None, credentials: Credentials | None, dest: Path, config: StageConfig, kind: str
+) -> tuple[Path, str | None]:
+    """A local directory holding the model (or tokenizer) files, and the resolved revision."""
+    loc = parse_location(uri, config)
+    if loc.scheme == "local":
+        path = Path(loc.path)
+        if not path.exists():
+            field = "spec.model.source" if kind == "model" else f"spec.{kind}.source"
+            raise StageError(f"{field}: {path} does not exist", config_error=True)
+        return path, revision
+    marker = dest / ".fetched"
+    if marker.exists():
+        return dest, marker.read_text().strip() or revision
+    if loc.scheme == "hf":
+        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+        token = token_for("model", credentials)
+        try:
+            sha = HfApi().model_info(loc.path, revision=revision, token=token).sha
+            snapshot_download(loc.path, revision=sha, local_dir=str(dest), token=token)
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise StageError(f"{uri} (revision {revision or 'main'}): {exc}", config_error=True) from exc
+        except HfHubHTTPError as exc:
+            raise StageError(f"downloading {uri} failed: {exc}") from exc
+        resolved = sha
+    else:
+        copy_remote(loc.path, dest)
+        resolved = revision
+    marker.write_text(resolved or "")
+    return dest, resolved
+
+
+def _data_files(path: Path, field: str) -> tuple[str, list[str]]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+    if not files:
+        raise StageError(f"{field}: no data files (.jsonl, .json, .csv, .parquet, .txt) at {path}", config_error=True)
+    builders = {DATA_SUFFIXES.get(p.suffix) for p in files}
+    if None in builders:
+        raise StageError(
+            f"{field}: {files[0].name} is not a supported file type: use .jsonl, .json, .csv, .parquet or .txt",
+            config_error=True,
+        )
+    if len(builders) > 1:
+        raise StageError(f"{field}: mixes file types {sorted(builders)}; keep one type per source", config_error=True)
+    return builders.pop(), [str(p) for p in files]
+
+
+def load_rows(
+    uri: str, split: str, credentials: Credentials | None, scratch: Path, config: StageConfig, field: str
+) -> Any:
+    """Load a dataset source as a `datasets.Dataset` (rows in file order)."""
+    import datasets
+
+    cache = str(scratch / ".datasets-cache")
+    loc = parse_location(uri, config)
+    if loc.scheme == "hf":
+        try:
+            return datasets.load_dataset(
+                loc.path, split=split, token=token_for("dataset", credentials), cache_dir=cache
+            )
+        except Exception as exc:
+            raise StageError(f"{field}: cannot load Hub dataset {loc.path} split {split}: {exc}") from exc
+    if loc.scheme in ("s3", "gs"):
+        path = copy_remote(loc.path, scratch / "raw" / field.rsplit(".", 1)[-1])
+    else:
+        path = Path(loc.path)
+        if not path.exists():
+            raise StageError(f"{field}: {path} does not exist", config_error=True)
+    builder, files = _data_files(path, field)
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache)
+    except Exception as exc:  # datasets raises a zoo of parser errors; all mean the file is malformed
+        raise StageError(f"{field}: cannot parse {path} as {builder}: {exc}", config_error=True) from exc

@@ -1,0 +1,389 @@
+"""The train stage: TRL trainers by objective, PEFT LoRA / QLoRA or full fine-tuning, resumable checkpoints.
+
+Defaults are chosen, not inherited. TRL's SFTConfig turns gradient checkpointing and bf16 on, and its packing
+default runs padding-free batches; on a GPU without flash-attention and on CPUs those cost 10-40x (see the README's
+benchmarks). Here precision follows spec.training.precision (auto: bf16 / fp16 / fp32 by device), gradient
+checkpointing follows the spec (default off), and the prepare stage has already tokenized, truncated and (when
+asked) packed the data, so the trainer only pads each batch to its longest row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .contract import StageConfig, StageError, Workdir, emit
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TRAIN_META = "finetune-train.json"
+
+
+def latest_valid_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that was written completely (a pod killed mid-save leaves a partial one)."""
+    if not folder.exists():
+        return None
+    candidates = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        complete = (path / "trainer_state.json").exists() and any((path / f).exists() for f in WEIGHT_FILES)
+        try:
+            json.loads((path / "trainer_state.json").read_text()) if complete else None
+        except (OSError, json.JSONDecodeError):
+            complete = False
+        if complete:
+            candidates.append((int(match.group(1)), path))
+    return max(candidates)[1] if candidates else None
+
+
+def resolve_precision(precision: str) -> dict[str, Any]:
+    """TrainingArguments precision flags for spec.training.precision on this machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if not cuda:
+            return {"bf16": False, "fp16": False, "use_cpu": True, "name": "fp32"}
+        if torch.cuda.is_bf16_supported():
+            return {"bf16": True, "fp16": False, "use_cpu": False, "name": "bf16"}
+        return {"bf16": False, "fp16": True, "use_cpu": False, "name": "fp16"}
+    if precision == "fp16" and not cuda:
+        raise StageError("spec.training.precision: fp16 needs a GPU; use auto, bf16 or fp32 on CPU", config_error=True)
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not cuda, "name": precision}
+
+
+def _torch_dtype(name: str, fallback: Any) -> Any:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name, fallback)
+
+
+def load_base_model(
+    config: StageConfig, model_path: str, precision: dict[str, Any], *, for_reward: bool = False
+) -> Any:
+    """The base model as the method wants it: full precision, half precision base for LoRA, or 4/8-bit for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    spec = config.spec
+    method = spec.method
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision["name"], torch.float32)
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code}
+    if method.type == "full":
+        # Master weights stay fp32 under mixed precision unless the spec pins a dtype.
+        kwargs["dtype"] = _torch_dtype(spec.model.dtype, torch.float32)
+    else:
+        kwargs["dtype"] = _torch_dtype(spec.model.dtype, half)
+    if method.type == "qlora":
+        quant = method.quantization
+        assert quant is not None  # the CRD guarantees it
+        compute = _torch_dtype(quant.compute_dtype, torch.bfloat16)
+        if quant.bits == 4:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=quant.type,
+                bnb_4bit_use_double_quant=quant.double_quant,
+                bnb_4bit_compute_dtype=compute,
+                bnb_4bit_quant_storage=kwargs["dtype"],
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = (
+            {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else {"": "cpu"}
+        )
+    if torch.cuda.is_available():
+        import importlib.util
+
+        kwargs["attn_implementation"] = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    try:
+        if for_reward:
+            model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"spec.model: cannot load {model_path}: {exc}", config_error=True) from exc
+    if method.type == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
+    return model
+
+
+def lora_config(config: StageConfig, *, for_reward: bool = False) -> Any:
+    from peft import LoraConfig
+
+    lora = config.spec.method.lora
+    targets: Any = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias=lora.bias,
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type="SEQ_CLS" if for_reward else "CAUSAL_LM",
+    )
+
+
+class ProgressReporter:
+    """A TrainerCallback that prints one JSON progress line per logging step (rank 0 only)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.last_time = self.started
+        self.last_tokens = 0
+        self.start_tokens = 0
+        self.last_step = 0
+        self.first_step: int | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def as_callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        reporter = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                reporter.first_step = state.global_step
+                reporter.last_step = state.global_step
+                reporter.last_tokens = reporter.start_tokens = state.num_input_tokens_seen or 0
+                reporter.started = reporter.last_time = time.monotonic()
+
+            def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+                if state.is_world_process_zero and logs and "loss" in logs:
+                    reporter.report(state, logs)
+
+        return _Callback()
+
+    def report(self, state: Any, logs: dict[str, Any]) -> None:
+        now = time.monotonic()
+        tokens = state.num_input_tokens_seen or 0
+        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        done = state.global_step - (self.first_step or 0)
+        per_step = (now - self.started) / max(done, 1)
+        remaining = max(state.max_steps - state.global_step, 0) * per_step
+        record = {
+            "step": state.global_step,
+            "totalSteps": state.max_steps,
+            "epoch": round(state.epoch or 0.0, 4),
+            "loss": round(float(logs["loss"]), 6),
+            "learningRate": float(logs.get("learning_rate", 0.0)),
+            "tokensPerSecond": round(rate, 1),
+            "etaSeconds": round(remaining, 1),
+        }
+        self.history.append(record)
+        self.last_time, self.last_tokens, self.last_step = now, tokens, state.global_step
+        emit("progress", "train", **record)
+
+
+def _common_args(config: StageConfig, workdir: Workdir, precision: dict[str, Any]) -> dict[str, Any]:
+    spec = config.spec
+    tr = spec.training
+    args: dict[str, Any] = {
+        "output_dir": str(workdir.checkpoints),
+        "per_device_train_batch_size": tr.batch_size,
+        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
+        "learning_rate": tr.learning_rate,
+        "lr_scheduler_type": tr.lr_scheduler,
+        "warmup_ratio": tr.warmup_ratio,
+        "weight_decay": tr.weight_decay,
+        "max_grad_norm": tr.max_grad_norm,
+        "optim": tr.optimizer,
+        "seed": tr.seed,
+        "data_seed": tr.seed,
+        "num_train_epochs": tr.epochs if tr.epochs is not None else 1.0,
+        "max_steps": tr.max_steps if tr.max_steps is not None else -1,
+        "bf16": precision["bf16"],
+        "fp16": precision["fp16"],
+        "use_cpu": precision["use_cpu"],
+        "gradient_checkpointing": tr.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if tr.gradient_checkpointing else None,
+        "logging_steps": tr.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": tr.checkpoint_every_steps,
+        "save_total_limit": tr.keep_checkpoints,
+        "report_to": [],
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "include_num_input_tokens_seen": "non_padding",
+        "ddp_find_unused_parameters": False,
+    }
+    if spec.distributed.strategy == "fsdp":
+        args["fsdp"] = "full_shard auto_wrap"
+        args["fsdp_config"] = {"use_orig_params": spec.method.type != "full", "sync_module_states": True}
+    return args
+
+
+def _exact_match_reward(kind: str):
+    def normalise(text: str) -> str:
+        return " ".join(text.strip().lower().split())
+
+    def reward(completions: list[Any], reference: list[str], **_: Any) -> list[float]:
+        scores = []
+        for completion, expected in zip(completions, reference, strict=True):
+            text = completion if isinstance(completion, str) else completion[-1]["content"]
+            got, want = normalise(text.split("\n")[0] if kind == "exactMatch" else text), normalise(expected)
+            scores.append(float(got == want) if kind == "exactMatch" else float(want in got))
+        return scores
+
+    reward.__name__ = f"{kind}_reward"
+    return reward
+
+
+def build_trainer(config: StageConfig, workdir: Workdir, tokenizer: Any, precision: dict[str, Any]) -> Any:
+    from datasets import load_from_disk
+
+    spec = config.spec
+    objective = spec.training.objective
+    sources = workdir.read_sources()
+    model_path = sources.get("model", {}).get("path")
+    if not model_path or not workdir.train_data.exists():
+        raise StageError("the prepare stage has not completed in this workdir (no prepared data)", config_error=True)
+    train = load_from_disk(str(workdir.train_data))
+    common = _common_args(config, workdir, precision)
+    peft = spec.method.type in ("lora", "qlora")
+    model = load_base_model(config, model_path, precision, for_reward=objective == "reward")
+    if objective == "reward" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    if objective == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        padding_free = "seq_lengths" in train.column_names
+        args = SFTConfig(
+            **common,
+            max_length=None,  # prepare already truncated or packed to maxSeqLength
+            packing=False,
+            padding_free=padding_free,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            completion_only_loss=None,
+        )
+        return SFTTrainer(
+            model=model, args=args, train_dataset=train, processing_class=tokenizer,
+            peft_config=lora_config(config) if peft else None,
+        )  # fmt: skip
+    if objective == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        dpo = spec.training.dpo
+        args = DPOConfig(
+            **common,
+            beta=dpo.beta if dpo else 0.1,
+            loss_type=[dpo.loss_type if dpo else "sigmoid"],
+            max_length=spec.dataset.max_seq_length,
+        )
+        return DPOTrainer(
+            model=model, args=args, train_dataset=train.select_columns(["prompt", "chosen", "rejected"]),
+            processing_class=tokenizer, peft_config=lora_config(config) if peft else None,
+        )  # fmt: skip
+    if objective == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        args = RewardConfig(**common, max_length=spec.dataset.max_seq_length)
+        pairs = train.map(
+            lambda r: {"chosen": r["prompt"] + "\n" + r["chosen"], "rejected": r["prompt"] + "\n" + r["rejected"]},
+            remove_columns=train.column_names,
+        )
+        return RewardTrainer(
+            model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
+            peft_config=lora_config(config, for_reward=True) if peft else None,
+        )  # fmt: skip
+    # grpo
+    from trl import GRPOConfig, GRPOTrainer
+
+    grpo = spec.training.grpo
+    assert grpo is not None  # the CRD guarantees it
+    reward: Any
+    if grpo.reward.type == "rewardModel":
+        reward = sources.get("rewardModel", {}).get("path")
+        if not reward:
+            raise StageError("the reward model was not fetched by prepare", config_error=True)
+    else:
+        reward = _exact_match_reward(grpo.reward.type)
+    args = GRPOConfig(
+        **common,
+        num_generations=grpo.num_generations,
+        max_completion_length=grpo.max_completion_length,
+        temperature=grpo.temperature,
+        beta=grpo.beta,
+    )
+    prompts = train.map(lambda r: {"prompt": r["prompt_text"]}).select_columns(["prompt", "reference"])
+    return GRPOTrainer(
+        model=model, reward_funcs=[reward], args=args, train_dataset=prompts, processing_class=tokenizer,
+        peft_config=lora_config(config) if peft else None,
+    )  # fmt: skip
+
+
+def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    spec = config.spec
+    meta_file = workdir.final / TRAIN_META
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("run") == config.run:
+            return {**meta["summary"], "message": f"already trained (run {config.run}): {meta['summary']['message']}"}
+
+    precision = resolve_precision(spec.training.precision)
+    torch.manual_seed(spec.training.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(workdir.tokenizer))
+    trainer = build_trainer(config, workdir, tokenizer, precision)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our JSON progress lines replace its dict prints
+    reporter = ProgressReporter()
+    trainer.add_callback(reporter.as_callback())
+
+    resume = latest_valid_checkpoint(workdir.checkpoints)
+    if resume is not None:
+        emit("step", "train", message=f"resuming from {resume.name}")
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    elapsed = time.monotonic() - started
+    state = trainer.state
+
+    summary: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        staging = workdir.final.with_name("final.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.save_model(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        tokens = state.num_input_tokens_seen or 0
+        steps_run = state.global_step - (reporter.first_step or 0)
+        summary = {
+            "ok": True,
+            "message": f"trained {state.global_step} steps"
+            + (f" (resumed at step {reporter.first_step})" if resume else "")
+            + (f", final loss {losses[-1]:.4f}" if losses else ""),
+            "steps": state.global_step,
+            "totalSteps": state.max_steps,
+            "epoch": state.epoch,
+            "finalLoss": losses[-1] if losses else None,
+            "firstLoss": losses[0] if losses else None,
+            "trainLoss": float(result.training_loss) if not math.isnan(result.training_loss) else None,
+            "resumedFrom": resume.name if resume else None,
+            "tokensPerSecond": round((tokens - reporter.start_tokens) / elapsed, 1) if steps_run else None,
+            "runtimeSeconds": round(elapsed, 1),
+            "precision": precision["name"],
+            "worldSize": trainer.args.world_size,
+            "artifact": "adapter" if spec.method.type != "full" else "model",
+            "objective": spec.training.objective,
+            "progress": reporter.history[-1] if reporter.history else None,
+        }
+        (staging / TRAIN_META).write_text(json.dumps({"run": config.run, "summary": summary}, indent=2))
+        shutil.rmtree(workdir.final, ignore_errors=True)
+        os.replace(staging, workdir.final)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return summary or {"ok": True, "message": "worker finished"}
