@@ -28,3 +28,80 @@ MINIMAL_JOB: dict[str, Any] = {
 def job() -> dict[str, Any]:
     """A fresh copy of a minimal valid cluster FineTuneJob."""
     return copy.deepcopy(MINIMAL_JOB)
+
+
+# ---------------------------------------------------------------- stage helpers
+
+WORDS = ["red", "blue", "green", "black", "white", "amber", "cat", "dog", "fox", "owl", "bee", "cow"]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def first_word_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """A learnable Alpaca-layout task: answer with the first of the given words."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        words = rng.sample(WORDS, 3)
+        rows.append({"instruction": "Give the first word.", "input": " ".join(words), "output": words[0]})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in first_word_rows(300, seed=99)]
+    return [*texts, "Human: hello Assistant: hi", "say the word please yes no"]
+
+
+@pytest.fixture(scope="session")
+def micro_model(tmp_path_factory, corpus) -> Path:
+    """A ~0.1M-parameter GPT-2 with a BPE tokenizer trained on the test corpus."""
+    from finetune_operator.stages.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "micro-bpe", corpus, preset="micro")
+
+
+@pytest.fixture(scope="session")
+def micro_sp_model(tmp_path_factory, corpus) -> Path:
+    """The same model size with a SentencePiece tokenizer."""
+    from finetune_operator.stages.tiny import build_tiny_model
+
+    return build_tiny_model(
+        tmp_path_factory.mktemp("models") / "micro-sp", corpus, preset="micro", tokenizer="sentencepiece"
+    )
+
+
+def stage_config(tmp: Path, spec: dict[str, Any], name: str = "t") -> Path:
+    """Write a StageConfig for `spec` (validated like the operator would) and return its path."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    from finetune_operator.api.spec import FineTuneJobSpec
+    from finetune_operator.stages.contract import StageConfig
+
+    config = StageConfig(
+        job=name, spec=FineTuneJobSpec.model_validate(spec), termination_log=str(tmp / "termination-log")
+    )
+    path = tmp / "config.json"
+    path.write_text(config.model_dump_json(by_alias=True))
+    return path
+
+
+def local_spec(model: Path, data: Path, **sections: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"source": str(model)},
+        "dataset": {"source": str(data), "format": "completion",
+                    "columns": {"prompt": "instruction", "input": "input", "completion": "output"},
+                    "maxSeqLength": 64},
+        "training": {"maxSteps": 4, "batchSize": 8, "loggingSteps": 1, "checkpointEverySteps": 2},
+        "resources": {"gpusPerWorker": 0},
+        "output": {"uri": "/tmp/unused"},
+    }  # fmt: skip
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return spec

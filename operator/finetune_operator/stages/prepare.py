@@ -185,6 +185,14 @@ def _finish_columns(config: StageConfig, ds: Any, tokenizer: Any, *, is_eval: bo
         out: dict[str, list] = {}
         if fmt == "preference":
             out = {k: [r[k] for r in records] for k in ("prompt", "chosen", "rejected")}
+            dpo = config.spec.training.dpo
+            if dpo and dpo.max_prompt_length:
+                # Keep the end of long prompts: the turn being answered matters more than the opening.
+                ids = tokenizer(out["prompt"], add_special_tokens=False)["input_ids"]
+                out["prompt"] = [
+                    tokenizer.decode(x[-dpo.max_prompt_length :]) if len(x) > dpo.max_prompt_length else p
+                    for x, p in zip(ids, out["prompt"], strict=True)
+                ]
         if fmt != "text" and (is_eval or objective == "grpo"):
             out["prompt_text"] = [prompt_text(fmt, r, tokenizer) for r in records]
             out["reference"] = [reference_text(fmt, r) for r in records]
