@@ -143,6 +143,8 @@ def build_tiny_model(
         else:
             tok = _sentencepiece_tokenizer(corpus, dims["vocab_size"], Path(scratch))
         tok.chat_template = CHAT_TEMPLATE
+        # GPT-2 adds a token-type embedding when it is given token_type_ids; a causal LM has none.
+        tok.model_input_names = ["input_ids", "attention_mask"]
         tok.model_max_length = n_positions
         torch.manual_seed(seed)
         config = GPT2Config(

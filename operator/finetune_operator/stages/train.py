@@ -67,7 +67,12 @@ def _torch_dtype(name: str, fallback: Any) -> Any:
 
 
 def load_base_model(
-    config: StageConfig, model_path: str, precision: dict[str, Any], *, for_reward: bool = False
+    config: StageConfig,
+    model_path: str,
+    precision: dict[str, Any],
+    *,
+    for_reward: bool = False,
+    for_training: bool = True,
 ) -> Any:
     """The base model as the method wants it: full precision, half precision base for LoRA, or 4/8-bit for QLoRA."""
     import torch
@@ -110,7 +115,7 @@ def load_base_model(
             model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise StageError(f"spec.model: cannot load {model_path}: {exc}", config_error=True) from exc
-    if method.type == "qlora":
+    if method.type == "qlora" and for_training:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
