@@ -153,6 +153,8 @@ class Lineage(ApiModel):
     """sha256 over the prepared training rows."""
     config_hash: str | None = None
     """sha256 of the resolved spec the run used."""
+    run_hash: str | None = None
+    """sha256 of the fields that define a run (model, dataset, method, training, distributed, workers)."""
 
 
 class RunRecord(ApiModel):

@@ -1,0 +1,246 @@
+"""The pure planner: every state and transition, without a server or a process."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+import pytest
+
+from finetune_operator.api.job import FineTuneJob
+from finetune_operator.planner import Observed, ObservedStage, Plan, plan
+
+from .conftest import MINIMAL_JOB
+
+T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
+DONE = ObservedStage(exists=True, succeeded=True, attempts=1, completion_time="2026-11-26T12:01:00Z")
+RUNNING = ObservedStage(exists=True, active=True, attempts=1, start_time="2026-11-26T12:00:00Z")
+
+
+def make_job(generation: int = 1, **spec_changes) -> FineTuneJob:
+    raw = copy.deepcopy(MINIMAL_JOB)
+    raw["metadata"]["generation"] = generation
+    for key, value in spec_changes.items():
+        raw["spec"][key] = {**raw["spec"].get(key, {}), **value}
+    return FineTuneJob.model_validate(raw)
+
+
+def step(job: FineTuneJob, stages: dict[str, ObservedStage] | None = None, now=T0, **observed) -> Plan:
+    """Plan, then store the new status on the job (as the executor would)."""
+    result = plan(job, Observed(stages=stages or {}, **observed), now)
+    job.status = result.status
+    return result
+
+
+def conditions(result: Plan) -> dict[str, str]:
+    return {c.type: c.status for c in result.status.conditions}
+
+
+SUMMARIES = {
+    "prepare": {"ok": True, "message": "90 train / 10 eval rows", "lineage": {"modelRevision": "abc123",
+                                                                           "datasetFingerprint": "f" * 64}},
+    "train": {"ok": True, "message": "trained 10 steps", "steps": 10, "progress": {"step": 10, "totalSteps": 10,
+                                                                                  "loss": 0.5}},
+    "evaluate": {"ok": True, "message": "exactMatch 0.9", "metrics": {"base": {"exactMatch": 0.0},
+                                                                     "tuned": {"exactMatch": 0.9}},
+                 "gates": [], "gatesPassed": True, "summary": "exactMatch 0.9 (base 0)"},
+    "export": {"ok": True, "message": "exported", "artifacts": [{"name": "merged", "format": "safetensors",
+               "uri": "s3://b/out/merged", "sha256": "0" * 64, "sizeBytes": 10}],
+               "servingConfig": {"uri": "s3://b/out/serving-config.pb", "sha256": "1" * 64}},
+}  # fmt: skip
+
+
+def done(stage: str) -> ObservedStage:
+    return ObservedStage(**{**DONE.__dict__, "summary": SUMMARIES[stage]})
+
+
+def test_a_new_job_starts_prepare():
+    job = make_job()
+    result = step(job)
+    assert result.start == "prepare" and result.stop == []
+    status = result.status
+    assert status.phase == "Preparing" and status.current_stage == "prepare" and status.observed_generation == 1
+    assert status.stages.prepare.state == "Running" and status.stages.prepare.job_name == "demo-prepare"
+    assert conditions(result)["Ready"] == "False" and conditions(result)["Reconciling"] == "True"
+    assert all(c.observed_generation == 1 for c in status.conditions)
+    assert [e.reason for e in result.events] == ["StageStarted"]
+
+
+def test_the_stages_run_in_order_and_results_land_in_status():
+    job = make_job()
+    step(job)
+    seen = {"prepare": RUNNING}
+    assert step(job, seen).start is None  # the child exists: never created twice
+    seen["prepare"] = done("prepare")
+    result = step(job, seen)
+    assert result.start == "train" and result.status.lineage.model_revision == "abc123"
+    assert conditions(result)["PrepareComplete"] == "True"
+    assert [e.reason for e in result.events] == ["StageSucceeded", "StageStarted"]
+    seen["train"] = ObservedStage(
+        exists=True,
+        active=True,
+        progress={"step": 5, "totalSteps": 10, "loss": 1.25, "etaSeconds": 130, "tokensPerSecond": 900},
+    )
+    result = step(job, seen)
+    assert result.start is None and result.status.progress.percent == 50 and result.status.progress.eta == "2m10s"
+    reconciling = next(c for c in result.status.conditions if c.type == "Reconciling")
+    assert reconciling.message == "train step 5/10 (50%), loss 1.25, ETA 2m10s"
+    for stage in ("train", "evaluate", "export"):
+        seen[stage] = done(stage)
+        result = step(job, seen)
+    status = result.status
+    assert status.phase == "Succeeded" and status.completion_time
+    assert status.metrics.tuned == {"exactMatch": 0.9} and status.metrics.summary == "exactMatch 0.9 (base 0)"
+    assert status.artifacts[0].uri == "s3://b/out/merged" and status.serving_config.sha256 == "1" * 64
+    assert conditions(result) == {
+        "Ready": "True", "Succeeded": "True", "Failed": "False", "Suspended": "False", "PrepareComplete": "True",
+        "TrainComplete": "True", "EvaluateComplete": "True", "ExportComplete": "True", "Reconciling": "False",
+        "Stalled": "False"}  # fmt: skip
+    assert [e.reason for e in result.events] == ["StageSucceeded", "Succeeded"]
+
+
+def test_a_failed_stage_fails_the_job_with_its_message():
+    job = make_job()
+    step(job)
+    failed = ObservedStage(
+        exists=True,
+        failed=True,
+        attempts=3,
+        message="BackoffLimitExceeded",
+        summary={"ok": False, "message": "CUDA out of memory"},
+    )
+    result = step(job, {"prepare": done("prepare"), "train": failed})
+    status = result.status
+    assert status.phase == "Failed" and status.message == "train failed: CUDA out of memory"
+    assert status.stages.train.attempts == 3 and result.start is None
+    assert conditions(result)["Stalled"] == "True" and conditions(result)["Failed"] == "True"
+    assert next(c for c in status.conditions if c.type == "Ready").reason == "StageFailed"
+    assert ("Warning", "StageFailed") in [(e.type, e.reason) for e in result.events]
+    assert step(job, {"prepare": done("prepare"), "train": failed}).events == []  # no repeated events
+
+
+def test_a_failed_gate_stops_before_export():
+    job = make_job()
+    gate = {
+        "ok": False,
+        "reason": "GateFailed",
+        "message": "quality gate failed: exactMatch = 0.1 (needs min 0.5)",
+        "metrics": {"base": {}, "tuned": {"exactMatch": 0.1}},
+        "gatesPassed": False,
+        "gates": [{"metric": "exactMatch", "value": 0.1, "min": 0.5, "passed": False}],
+    }
+    seen = {"prepare": done("prepare"), "train": done("train"),
+            "evaluate": ObservedStage(exists=True, failed=True, summary=gate)}  # fmt: skip
+    result = step(job, seen)
+    assert result.status.phase == "Failed" and result.start is None
+    assert result.status.metrics.gates[0].passed is False
+    assert next(c for c in result.status.conditions if c.type == "Ready").reason == "GateFailed"
+    assert [e.reason for e in result.events] == ["StageSucceeded", "StageSucceeded", "GateFailed"]
+
+
+def test_disabled_evaluation_is_skipped():
+    job = make_job(evaluation={"enabled": False})
+    result = step(job, {"prepare": done("prepare"), "train": done("train")})
+    assert result.start == "export" and result.status.stages.evaluate.state == "Skipped"
+    assert conditions(result)["EvaluateComplete"] == "True"
+
+
+def test_suspend_stops_the_active_stage_and_resume_restarts_it():
+    job = make_job()
+    step(job, {"prepare": done("prepare"), "train": RUNNING})
+    job.spec.run_policy.suspend = True
+    result = step(job, {"prepare": done("prepare"), "train": RUNNING})
+    assert result.stop == ["train"] and result.status.phase == "Suspended"
+    assert conditions(result)["Suspended"] == "True" and conditions(result)["Reconciling"] == "False"
+    assert result.status.stages.prepare.state == "Succeeded"  # finished stages are kept
+    job.spec.run_policy.suspend = False
+    result = step(job, {"prepare": done("prepare")})
+    assert result.start == "train" and result.status.phase == "Training"
+    assert "Resumed" in [e.reason for e in result.events]
+
+
+def test_a_restarted_executor_never_reruns_a_recorded_stage():
+    job = make_job()
+    step(job, {"prepare": done("prepare")})  # prepare recorded as Succeeded, train started
+    # The operator restarts; prepare's Job was deleted meanwhile; train's Job exists.
+    result = step(job, {"train": RUNNING})
+    assert result.start is None and result.status.stages.prepare.state == "Succeeded"
+    result = step(job, {})  # even with no child at all, only the unfinished stage starts again
+    assert result.start == "train"
+
+
+def test_planning_is_deterministic():
+    job_a, job_b = make_job(), make_job()
+    seen = {"prepare": done("prepare")}
+    assert plan(job_a, Observed(seen), T0).status == plan(job_b, Observed(seen), T0).status
+
+
+def test_kueue_admission_wait_is_visible():
+    job = make_job()
+    result = step(job, {"prepare": ObservedStage(exists=True, queued=True)})
+    assert (
+        next(c for c in result.status.conditions if c.type == "Reconciling").message == "prepare: waiting for admission"
+    )
+
+
+def test_active_deadline_fails_the_run():
+    job = make_job(runPolicy={"activeDeadlineSeconds": 60})
+    step(job)
+    result = step(job, {"prepare": RUNNING}, now=T0 + dt.timedelta(seconds=61))
+    assert result.status.phase == "Failed" and result.stop == ["prepare"]
+    assert "activeDeadlineSeconds" in result.status.message
+    assert next(c for c in result.status.conditions if c.type == "Ready").reason == "DeadlineExceeded"
+
+
+def test_ttl_after_finished_cleans_up_once_due():
+    job = make_job(runPolicy={"ttlSecondsAfterFinished": 600}, evaluation={"enabled": False})
+    seen = {s: done(s) for s in ("prepare", "train", "export")}
+    result = step(job, seen)
+    assert result.status.phase == "Succeeded" and result.requeue_after == 600 and not result.cleanup
+    assert step(job, seen, now=T0 + dt.timedelta(seconds=300)).requeue_after == pytest.approx(300)
+    assert step(job, seen, now=T0 + dt.timedelta(seconds=601)).cleanup
+
+
+def test_a_spec_change_after_completion_starts_a_new_run():
+    job = make_job(evaluation={"enabled": False})
+    seen = {s: done(s) for s in ("prepare", "train", "export")}
+    step(job, seen)
+    assert job.status.phase == "Succeeded"
+    assert step(job, seen).start is None  # unchanged: nothing to do
+    job.spec.training.learning_rate = 1e-5
+    job.metadata["generation"] = 2
+    result = step(job, seen, other_runs=True)
+    assert result.status.run == 2 and result.delete_other_runs and result.start is None
+    assert result.status.runs[0].run == 1 and result.status.runs[0].phase == "Succeeded"
+    assert result.status.phase == "Pending" and "waiting for run 1" in result.status.message
+    assert [e.reason for e in result.events] == ["NewRun"]
+    result = step(job, {})
+    assert result.start == "prepare" and result.status.run == 2 and result.status.observed_generation == 2
+
+
+def test_an_allowed_change_while_running_applies_to_the_next_stage():
+    job = make_job()
+    step(job, {"prepare": done("prepare"), "train": RUNNING})
+    job.spec.evaluation.max_samples = 10
+    job.metadata["generation"] = 2
+    result = step(job, {"prepare": done("prepare"), "train": RUNNING})
+    assert result.status.run == 1 and result.start is None and result.status.observed_generation == 2
+
+
+def test_a_run_defining_change_while_suspended_supersedes_the_run():
+    job = make_job()
+    step(job, {"prepare": done("prepare"), "train": RUNNING})
+    job.spec.run_policy.suspend = True
+    step(job, {"prepare": done("prepare"), "train": RUNNING})
+    job.spec.dataset.max_seq_length = 2048
+    result = step(job, {"prepare": done("prepare")}, other_runs=True)
+    assert result.status.run == 2 and result.status.runs[-1].phase == "Superseded" and result.delete_other_runs
+
+
+def test_condition_transition_times_only_move_on_change():
+    job = make_job()
+    first = step(job)
+    later = step(job, {"prepare": RUNNING}, now=T0 + dt.timedelta(minutes=5))
+    before = {c.type: c.last_transition_time for c in first.status.conditions}
+    after = {c.type: c.last_transition_time for c in later.status.conditions}
+    assert after["Ready"] == before["Ready"] == "2026-11-26T12:00:00Z"
