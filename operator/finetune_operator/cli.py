@@ -64,6 +64,54 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     return run_stage(args.stage, args.config, args.workdir)
 
 
+def _cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .api.job import FineTuneJob
+    from .api.validation import InvalidJobError, load_job
+    from .cluster.build import render
+    from .cluster.context import OperatorSettings
+
+    try:
+        raw, spec, _ = load_job(Path(args.file), target="cluster")
+    except InvalidJobError as exc:
+        for problem in exc.problems:
+            print(problem.format(exc.source), file=sys.stderr)
+        return 1
+    metadata = dict(raw.get("metadata") or {})
+    if args.namespace:
+        metadata["namespace"] = args.namespace
+    metadata.setdefault("namespace", "default")
+    job = FineTuneJob(metadata=metadata, spec=spec)
+    settings = OperatorSettings(trainer_image=args.image) if args.image else OperatorSettings()
+    objects = render(job, args.stage or None, settings)
+    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .api.validation import InvalidJobError
+    from .live import RichReporter
+    from .local import execute
+
+    reporter = RichReporter()
+    try:
+        job, run = execute(Path(args.file), fresh=args.fresh, init=args.init_model, reporter=reporter)
+    except InvalidJobError as exc:
+        for problem in exc.problems:
+            print(problem.format(exc.source), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        reporter.console.print("[yellow]stopped[/]: run the same command again to resume (--fresh starts over)")
+        return 130
+    if not args.quiet:
+        print(yaml.safe_dump({"status": job.status.wire()}, sort_keys=False))
+    reporter.console.print(f"status written to {run.status_file}")
+    return 0 if job.status.phase == "Succeeded" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--quiet", "-q", action="store_true", help="print errors only")
     validate.add_argument("--strict-kinds", action="store_true", help="treat other kinds as FineTuneJobs too")
     validate.set_defaults(func=_cmd_validate)
+
+    render = sub.add_parser("render", help="print the objects the operator would create for a FineTuneJob")
+    render.add_argument("file", help="the FineTuneJob manifest")
+    render.add_argument(
+        "--stage",
+        action="append",
+        choices=["prepare", "train", "evaluate", "export"],
+        help="only this stage (repeatable); default: every stage",
+    )
+    render.add_argument("--namespace", help="namespace when the manifest names none (default: default)")
+    render.add_argument("--image", help="trainer image (default: the operator's default)")
+    render.set_defaults(func=_cmd_render)
+
+    run = sub.add_parser("run", help="run a FineTuneJob manifest on this machine (the embedded local mode)")
+    run.add_argument("file", help="the FineTuneJob manifest")
+    run.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    run.add_argument(
+        "--init-model",
+        metavar="PRESET",
+        choices=["micro", "tiny-gpt2"],
+        help="build a random-init model of this size at spec.model.source if nothing is there yet (offline)",
+    )
+    run.add_argument("--quiet", "-q", action="store_true", help="do not print the final status YAML")
+    run.set_defaults(func=_cmd_run)
 
     from .stages.runner import add_arguments
 

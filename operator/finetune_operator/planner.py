@@ -366,6 +366,8 @@ def plan(job: FineTuneJob, observed: Observed, now: dt.datetime) -> Plan:
             status = FineTuneJobStatus(run=old.run + 1, runs=[*old.runs, record][-MAX_RUNS_KEPT:])
             result.status = status
             result.delete_other_runs = True
+            # What was observed belongs to the previous run now.
+            observed = Observed(other_runs=observed.other_runs or any(s.exists for s in observed.stages.values()))
             if not finished_and_changed:
                 result.stop = [s for s in STAGES if observed.stage(s).exists]
 
@@ -382,8 +384,9 @@ def plan(job: FineTuneJob, observed: Observed, now: dt.datetime) -> Plan:
     queued = False
     if status.phase in FINISHED_PHASES and status.run == old.run:
         _finish_housekeeping(job, status, result, now)
-    elif result.delete_other_runs and observed.other_runs:
-        status.phase, status.message = "Pending", f"waiting for run {status.run - 1}'s children to be deleted"
+    elif observed.other_runs:
+        status.phase, status.message = "Pending", "waiting for the children of earlier runs to be deleted"
+        result.delete_other_runs = True
         result.requeue_after = 2
     else:
         queued = _advance(job, observed, status, result, now, sequence)

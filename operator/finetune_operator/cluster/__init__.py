@@ -1,0 +1,1 @@
+"""Everything the operator creates on a cluster, as pure functions of the FineTuneJob."""
