@@ -138,7 +138,7 @@ def main() -> None:
             ("TRL defaults, gradient checkpointing off", trl_defaults(model, args.batch, args.steps,
                                                                       gradient_checkpointing=False)),
             ("TRL defaults + packing=True (bfd, padding-free, no flash-attention)",
-             trl_defaults(model, args.batch, max(args.steps // 8, 2), packing=True, max_length=256)),
+             trl_defaults(model, args.batch, max(args.steps // 20, 2), packing=True, max_length=256)),
         ]  # fmt: skip
     print(f"\n{params / 1e6:.1f}M-parameter GPT-2, batch {args.batch}, {args.steps} steps, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")  # fmt: skip

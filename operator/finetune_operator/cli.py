@@ -42,8 +42,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             errors += 1
             continue
         for index, doc in enumerate(docs):
-            if isinstance(doc, dict) and doc.get("kind") not in (KIND, None) and not args.strict_kinds:
-                continue
+            looks_like_ours = isinstance(doc, dict) and (
+                doc.get("kind") == KIND or str(doc.get("apiVersion", "")).startswith("finetune.dev/")
+            )
+            if not looks_like_ours and not args.strict_kinds:
+                continue  # other kinds (and status files) in the same folder are not ours to judge
             jobs += 1
             source = f"{path}" if len(docs) == 1 else f"{path}[{index}]"
             _, problems = validate_object(doc, target=args.target, base_dir=path.parent.resolve())
@@ -86,6 +89,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
     settings = OperatorSettings(trainer_image=args.image) if args.image else OperatorSettings()
     objects = render(job, args.stage or None, settings)
     sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False))
+    return 0
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from .controller import run_operator
+
+    run_operator(args.namespace or [], args.liveness, args.peering)
     return 0
 
 
@@ -160,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", "-q", action="store_true", help="do not print the final status YAML")
     run.set_defaults(func=_cmd_run)
+
+    op = sub.add_parser("operator", help="run the operator against the current cluster (kopf)")
+    op.add_argument("--namespace", "-n", action="append", help="watch only this namespace (repeatable)")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint")
+    op.add_argument("--peering", help="kopf peering name (for more than one replica); default: standalone")
+    op.set_defaults(func=_cmd_operator)
 
     from .stages.runner import add_arguments
 

@@ -200,8 +200,10 @@ def publish(local: Path, config: StageConfig, relative: str) -> str:
     loc = parse_location(config.spec.output.uri, config)
     uri = f"{base}/{relative}"
     if loc.scheme == "local":
-        dest = Path(loc.path) / relative
-        if dest.resolve() == local.resolve():
+        dest = (Path(loc.path) / relative).resolve()
+        if not config.spec.output.uri.startswith("pvc://"):
+            uri = str(dest)  # a relative path in the spec means nothing to whoever reads the status later
+        if dest == local.resolve():
             return uri
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()

@@ -1,0 +1,112 @@
+"""Turn what the API server reports about a FineTuneJob's children into the planner's `Observed`. Pure.
+
+Stage results travel in the pods' termination messages (the stage programs write a JSON summary there), progress
+in the train pod's log lines; the workload needs no API access for either.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from ..planner import Observed, ObservedStage
+from ..stages.contract import parse_line
+
+
+def _condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_ and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def _termination_summary(pods: Iterable[dict[str, Any]], phase: str) -> dict[str, Any] | None:
+    """The stage summary from the newest pod that ended in `phase` (Succeeded or Failed), rank 0 first."""
+    ended = [p for p in pods if (p.get("status") or {}).get("phase") == phase]
+    ended.sort(
+        key=lambda p: (
+            (p.get("metadata") or {}).get("annotations", {}).get("batch.kubernetes.io/job-completion-index", "0")
+            != "0",
+            -_finished_at(p),
+        )
+    )
+    for pod in ended:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            message = terminated.get("message")
+            if not message:
+                continue
+            try:
+                summary = json.loads(message)
+            except json.JSONDecodeError:
+                return {"ok": False, "message": message.strip()[-500:]}  # FallbackToLogsOnError: the log tail
+            if isinstance(summary, dict):
+                return summary
+    return None
+
+
+def _finished_at(pod: dict[str, Any]) -> float:
+    import datetime as dt
+
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        finished = ((status.get("state") or {}).get("terminated") or {}).get("finishedAt")
+        if finished:
+            return dt.datetime.fromisoformat(finished.replace("Z", "+00:00")).timestamp()
+    return 0.0
+
+
+def last_progress(log_tail: str | None) -> dict[str, Any] | None:
+    """The newest train progress record in a pod log tail."""
+    if not log_tail:
+        return None
+    for line in reversed(log_tail.splitlines()):
+        record = parse_line(line)
+        if record and record.get("finetune.dev/progress") == "progress":
+            return record
+    return None
+
+
+def observe_stage(job: dict[str, Any], pods: list[dict[str, Any]], log_tail: str | None = None) -> ObservedStage:
+    status = job.get("status") or {}
+    spec = job.get("spec") or {}
+    complete, failed = _condition(job, "Complete"), _condition(job, "Failed")
+    suspended = bool(spec.get("suspend")) and not status.get("active")
+    return ObservedStage(
+        exists=True,
+        active=bool(status.get("active")),
+        succeeded=complete is not None,
+        failed=failed is not None,
+        queued=suspended and not complete and not failed,
+        attempts=int(status.get("failed") or 0) + (1 if status.get("active") or complete else 0),
+        message=f"{failed.get('reason')}: {failed.get('message', '')}".strip(": ") if failed else None,
+        summary=_termination_summary(pods, "Succeeded" if complete else "Failed") if (complete or failed) else None,
+        progress=last_progress(log_tail),
+        start_time=status.get("startTime"),
+        completion_time=status.get("completionTime") or (failed or {}).get("lastTransitionTime"),
+    )
+
+
+def observe(
+    run: int, jobs: Iterable[dict[str, Any]], pods: Iterable[dict[str, Any]], logs: dict[str, str] | None = None
+) -> Observed:
+    """`jobs` and `pods` are the FineTuneJob's children (by label); `logs` maps a stage to its log tail."""
+    pods = list(pods)
+    observed = Observed()
+    for job in jobs:
+        labels = (job.get("metadata") or {}).get("labels") or {}
+        stage = labels.get("finetune.dev/stage")
+        if labels.get("finetune.dev/run") != str(run):
+            observed.other_runs = True
+            continue
+        if (job.get("metadata") or {}).get("deletionTimestamp"):
+            continue  # going away (suspend, a new run): as good as gone
+        mine = [
+            p
+            for p in pods
+            if ((p.get("metadata") or {}).get("labels") or {}).get("job-name") == job["metadata"]["name"]
+            or ((p.get("metadata") or {}).get("labels") or {}).get("batch.kubernetes.io/job-name")
+            == job["metadata"]["name"]
+        ]
+        observed.stages[stage] = observe_stage(job, mine, (logs or {}).get(stage))
+    return observed

@@ -1,0 +1,217 @@
+"""kopf handlers: read (indexes of FineTuneJobs, their stage Jobs and pods), call the planner, write.
+
+Event-driven, without kopf daemons or timers (those put a finalizer on every object): any change of a
+FineTuneJob, or of one of its stage Jobs or pods, reconciles that FineTuneJob at once, so a stage starts within a
+second of the previous Job completing. One background loop reconciles active jobs every few seconds for what has
+no event: training progress from the log tail, the active deadline and the TTL after finishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import logging
+import os
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from .api.base import GROUP, PLURAL, VERSION
+from .api.job import FineTuneJob
+from .api.status import ACTIVE_PHASES, FineTuneJobStatus
+from .cluster.build import build_stage
+from .cluster.context import OperatorSettings, child_name
+from .cluster.kube import KubeApi
+from .cluster.observe import observe
+from .cluster.plugins.storage import workspace_claim, workspace_pvc
+from .planner import Plan, plan
+
+LABEL = "finetune.dev/job"
+POLL_SECONDS = float(os.environ.get("FINETUNE_POLL_SECONDS", "5"))
+Key = tuple[str, str]
+
+
+def settings_from_env() -> OperatorSettings:
+    base = OperatorSettings()
+    return OperatorSettings(
+        trainer_image=os.environ.get("FINETUNE_TRAINER_IMAGE", base.trainer_image),
+        image_pull_policy=os.environ.get("FINETUNE_IMAGE_PULL_POLICY", base.image_pull_policy),
+        workspace_size=os.environ.get("FINETUNE_WORKSPACE_SIZE", base.workspace_size),
+        workspace_storage_class=os.environ.get("FINETUNE_WORKSPACE_STORAGE_CLASS") or None,
+    )
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Keep kopf's own bookkeeping out of .status, which is the operator's contract with users.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.finetune.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.finetune.dev")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    memo.api = memo.get("api") or KubeApi()
+    memo.settings = memo.get("settings") or settings_from_env()
+    memo.locks = collections.defaultdict(asyncio.Lock)
+    memo.written = {}
+    memo.indexes = None
+    memo.poller = asyncio.create_task(_poll(memo))
+
+
+@kopf.on.cleanup()
+async def stop_polling(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("poller"):
+        memo.poller.cancel()
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def finetunejobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL: kopf.PRESENT})
+def stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {(namespace, labels[LABEL]): dict(body)}
+
+
+@kopf.index("", "v1", "pods", labels={LABEL: kopf.PRESENT})
+def stage_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {(namespace, labels[LABEL]): dict(body)}
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_finetunejob(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **kw: Any) -> None:
+    if event.get("type") == "DELETED":
+        memo.written.pop((namespace, name), None)
+        return  # the children go with their ownerReferences
+    await reconcile((namespace, name), memo, kw)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL: kopf.PRESENT})
+async def on_stage_job(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kw: Any) -> None:
+    await reconcile((namespace, labels[LABEL]), memo, kw)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL: kopf.PRESENT})
+async def on_stage_pod(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kw: Any) -> None:
+    await reconcile((namespace, labels[LABEL]), memo, kw)
+
+
+async def _poll(memo: kopf.Memo) -> None:
+    while True:
+        await asyncio.sleep(POLL_SECONDS)
+        if not memo.indexes:
+            continue
+        for key in list(memo.indexes["finetunejobs"]):
+            status = (memo.written.get(key) or {}).get("status") or {}
+            if status.get("phase") in (*ACTIVE_PHASES, "Pending") or status.get("completionTime"):
+                try:
+                    await reconcile(key, memo, memo.indexes)
+                except Exception:  # one broken job must not stop the others' progress
+                    logging.getLogger(__name__).exception("periodic reconcile of %s failed", key)
+
+
+def _train_log(api: KubeApi, job: FineTuneJob, pods: list[dict[str, Any]]) -> dict[str, str]:
+    """The log tail of worker 0 of the current run's train stage, when it is running."""
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get("finetune.dev/stage") != "train" or labels.get("finetune.dev/run") != str(job.status.run):
+            continue
+        if (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index", "0") != "0":
+            continue
+        if (pod.get("status") or {}).get("phase") == "Running":
+            tail = api.log_tail(job.namespace, meta["name"])
+            return {"train": tail} if tail else {}
+    return {}
+
+
+def _current(body: dict[str, Any], written: dict[str, Any] | None) -> dict[str, Any]:
+    """The body with the newest status: ours, when the watch has not delivered our last write yet."""
+    if written and written.get("uid") == (body.get("metadata") or {}).get("uid"):
+        return {**body, "status": written["status"]}
+    return body
+
+
+async def reconcile(key: Key, memo: kopf.Memo, indexes: dict[str, Any]) -> None:
+    if {"finetunejobs", "stage_jobs", "stage_pods"} <= indexes.keys():
+        memo.indexes = {k: indexes[k] for k in ("finetunejobs", "stage_jobs", "stage_pods")}
+    async with memo.locks[key]:
+        bodies = list(memo.indexes["finetunejobs"].get(key, []))
+        if not bodies or (bodies[0].get("metadata") or {}).get("deletionTimestamp"):
+            return
+        body = _current(bodies[0], memo.written.get(key))
+        api: KubeApi = memo.api
+        try:
+            job = FineTuneJob.model_validate(body)
+        except ValidationError as exc:
+            await _refuse(api, key, body, memo, exc)
+            return
+        jobs = list(memo.indexes["stage_jobs"].get(key, []))
+        pods = list(memo.indexes["stage_pods"].get(key, []))
+        logs = await asyncio.to_thread(_train_log, api, job, pods)
+        result = plan(job, observe(job.status.run, jobs, pods, logs), dt.datetime.now(dt.UTC))
+        await asyncio.to_thread(apply, api, job, result, memo.settings)
+        status = result.status.wire()
+        previous = (memo.written.get(key) or {}).get("status")
+        if status != previous and status != (body.get("status") or None):
+            await asyncio.to_thread(api.patch_status, key[0], key[1], status)
+        memo.written[key] = {"uid": job.uid, "status": status}
+        for event in result.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def apply(api: KubeApi, job: FineTuneJob, result: Plan, settings: OperatorSettings) -> None:
+    """Carry out a plan: deletions first, then the stage to start."""
+    ns = job.namespace
+    for stage in result.stop:
+        api.delete_stage(ns, child_name(job, stage))
+    if result.delete_other_runs:
+        api.delete_children(ns, job.name, keep_run=result.status.run)
+    if result.cleanup:
+        api.delete_children(ns, job.name, keep_run=None)
+        planned = job.model_copy(update={"status": result.status})
+        from .cluster.context import BuildContext
+
+        if workspace_pvc(BuildContext(job=planned, stage="prepare", settings=settings)) is not None:
+            api.delete_workspace(ns, workspace_claim(BuildContext(job=planned, stage="prepare", settings=settings)))
+    if result.start:
+        planned = job.model_copy(update={"status": result.status})
+        objects = build_stage(planned, result.start, settings).all()
+        # The PVC and the ConfigMap before the Job that mounts them.
+        order = {"PersistentVolumeClaim": 0, "ConfigMap": 1, "Service": 2, "PodGroup": 3, "Job": 4}
+        for obj in sorted(objects, key=lambda o: order.get(o["kind"], 5)):
+            api.create(obj)
+
+
+async def _refuse(api: KubeApi, key: Key, body: dict[str, Any], memo: kopf.Memo, exc: ValidationError) -> None:
+    """A spec this operator cannot read (an old CRD, a bypassed webhook): say so in status, do nothing else."""
+    first = exc.errors()[0]
+    where = "spec." + ".".join(str(p) for p in first["loc"][1:]) if first["loc"][:1] == ("spec",) else "spec"
+    message = f"the spec cannot be used: {where}: {first['msg']}"
+    status = FineTuneJobStatus.model_validate(body.get("status") or {}).wire() if _valid_status(body) else {}
+    status.update(phase="Failed", message=message)
+    if (memo.written.get(key) or {}).get("status") != status:
+        await asyncio.to_thread(api.patch_status, key[0], key[1], status)
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+    memo.written[key] = {"uid": (body.get("metadata") or {}).get("uid"), "status": status}
+
+
+def _valid_status(body: dict[str, Any]) -> bool:
+    try:
+        FineTuneJobStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return False
+    return True
+
+
+def run_operator(namespaces: list[str], liveness: str | None, peering: str | None) -> None:
+    """Run the operator until it is stopped (what the operator image's entrypoint calls)."""
+    kopf.configure(verbose=False)
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces or None,
+        liveness_endpoint=liveness,
+        peering_name=peering,
+        standalone=peering is None,
+    )

@@ -1,0 +1,251 @@
+"""The kopf operator against kmock's Kubernetes API emulator, with a test-side job controller.
+
+A real kopf operator (the project's handlers) talks HTTP to an in-memory Kubernetes API; the test plays the
+cluster's job controller: it creates the pods of each stage Job the operator creates and completes or fails them,
+with the stage summaries in the pods' termination messages, as the stage programs write them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import kmock
+import kopf
+import pytest
+import pytest_asyncio
+from kubernetes import client
+
+from finetune_operator import controller  # noqa: F401  (registers the handlers)
+from finetune_operator.cluster.kube import KubeApi
+
+from .conftest import MINIMAL_JOB
+
+pytestmark = pytest.mark.asyncio
+NS = "ml"
+FTJ = "finetune.dev/v1alpha1/finetunejobs"
+SUMMARIES = {
+    "prepare": {
+        "ok": True,
+        "message": "90 train / 10 eval rows",
+        "lineage": {"modelRevision": "abc", "datasetFingerprint": "f" * 64},
+    },
+    "train": {"ok": True, "message": "trained 10 steps", "steps": 10, "progress": {"step": 10, "totalSteps": 10}},
+    "evaluate": {
+        "ok": True,
+        "message": "exactMatch 0.9",
+        "metrics": {"base": {"exactMatch": 0.1}, "tuned": {"exactMatch": 0.9}},
+        "gates": [],
+        "gatesPassed": True,
+        "summary": "exactMatch 0.9 (base 0.1)",
+    },
+    "export": {
+        "ok": True,
+        "message": "exported",
+        "artifacts": [
+            {
+                "name": "merged",
+                "format": "safetensors",
+                "uri": "pvc://models/out/merged",
+                "sha256": "0" * 64,
+                "sizeBytes": 10,
+            }
+        ],
+        "servingConfig": {"uri": "pvc://models/out/serving-config.pb", "sha256": "1" * 64},
+    },
+}
+SERVER: dict[str, str] = {}
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(server=SERVER["url"], insecure=True)
+
+
+def declare_resources(k: kmock.KubernetesEmulator) -> None:
+    for key, kind, subresources in (
+        (FTJ, "FineTuneJob", {"status"}),
+        ("batch/v1/jobs", "Job", {"status"}),
+        ("v1/pods", "Pod", {"status"}),
+        ("v1/configmaps", "ConfigMap", set()),
+        ("v1/services", "Service", set()),
+        ("v1/events", "Event", set()),
+        ("v1/persistentvolumeclaims", "PersistentVolumeClaim", set()),
+    ):
+        k.resources[key] = kmock.ResourceInfo(
+            kind=kind,
+            namespaced=True,
+            subresources=subresources,
+            verbs={"list", "watch", "get", "create", "patch", "delete"},
+        )
+    # kopf waits for these in discovery before it starts (namespaces, and CRDs to notice new resources).
+    k.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list", "watch"})
+    k.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"}
+    )
+
+
+def api_for(url: str) -> KubeApi:
+    config = client.Configuration(host=url)
+    return KubeApi(client.ApiClient(config))
+
+
+class ClusterJobController:
+    """Plays the Kubernetes job controller: pods for new stage Jobs, then Complete (or Failed)."""
+
+    def __init__(self, api: KubeApi, fail: dict[str, dict[str, Any]] | None = None, hold: set[str] | None = None):
+        self.api, self.fail, self.hold = api, fail or {}, hold or set()
+        self.done: set[str] = set()
+
+    def step(self) -> None:
+        for job in self.api.list_jobs(NS, MINIMAL_JOB["metadata"]["name"]):
+            name, stage = job["metadata"]["name"], job["metadata"]["labels"]["finetune.dev/stage"]
+            if name in self.done or stage in self.hold:
+                continue
+            failed = stage in self.fail
+            summary = self.fail.get(stage, SUMMARIES[stage])
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": f"{name}-x1",
+                    "namespace": NS,
+                    "resourceVersion": "1",
+                    "labels": {**job["spec"]["template"]["metadata"]["labels"], "job-name": name},
+                    "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+                },
+                "spec": {"containers": [{"name": "stage", "image": "x"}]},
+                "status": {
+                    "phase": "Failed" if failed else "Succeeded",
+                    "containerStatuses": [
+                        {
+                            "name": "stage",
+                            "image": "x",
+                            "imageID": "x",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {
+                                "terminated": {
+                                    "exitCode": 3 if failed else 0,
+                                    "finishedAt": "2026-11-26T12:00:00Z",
+                                    "message": json.dumps(summary),
+                                }
+                            },
+                        }
+                    ],
+                },
+            }
+            self.api.core.create_namespaced_pod(NS, pod)
+            condition = {
+                "type": "Failed" if failed else "Complete",
+                "status": "True",
+                "reason": "PodFailurePolicy" if failed else "Completed",
+                "message": "",
+            }
+            counts = {"failed": 1} if failed else {"succeeded": 1, "completionTime": "2026-11-26T12:00:00Z"}
+            status = {"conditions": [condition], "startTime": "2026-11-26T11:59:00Z", **counts}
+            self.api.batch.patch_namespaced_job_status(name, NS, {"status": status})
+            self.done.add(name)
+
+
+@contextlib.asynccontextmanager
+async def operator(url: str) -> AsyncIterator[None]:
+    SERVER["url"] = url
+    stop, ready = asyncio.Event(), asyncio.Event()
+    memo = kopf.Memo(api=api_for(url))
+    task = asyncio.create_task(
+        kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready, memo=memo)
+    )
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        memo.api.api_client.close()
+
+
+async def drive(api: KubeApi, jobs: ClusterJobController, until: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        await asyncio.to_thread(jobs.step)
+        body = await asyncio.to_thread(
+            api.custom.get_namespaced_custom_object,
+            "finetune.dev",
+            "v1alpha1",
+            NS,
+            "finetunejobs",
+            MINIMAL_JOB["metadata"]["name"],
+        )
+        if (body.get("status") or {}).get("phase") == until:
+            return body
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"phase {until} not reached: {json.dumps(body.get('status'), indent=1)[:3000]}")
+
+
+def new_job() -> dict[str, Any]:
+    obj = copy.deepcopy(MINIMAL_JOB)
+    obj["metadata"].update(
+        namespace=NS,
+        uid="9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d",
+        resourceVersion="1",
+        generation=1,
+        creationTimestamp="2026-11-26T11:58:00Z",
+    )
+    return obj
+
+
+@pytest_asyncio.fixture
+async def cluster(kmock: kmock.KubernetesEmulator) -> AsyncIterator[tuple[kmock.KubernetesEmulator, KubeApi]]:
+    declare_resources(kmock)
+    api = api_for(str(kmock.url).rstrip("/"))
+    yield kmock, api
+    api.api_client.close()  # keep-alive connections would hold the emulator's shutdown
+
+
+def _events(k: kmock.KubernetesEmulator) -> list[str]:
+    """Event reasons the operator posted (kmock stores generateName'd events under one key, so read requests)."""
+    return [r.data.get("reason") for r in k._requests if r.method.value == "POST" and "/events" in str(r.url)]
+
+
+async def test_a_job_goes_from_pending_to_succeeded(cluster):
+    k, api = cluster
+    async with operator(str(k.url).rstrip("/")):
+        await asyncio.to_thread(
+            api.custom.create_namespaced_custom_object, "finetune.dev", "v1alpha1", NS, "finetunejobs", new_job()
+        )
+        body = await drive(api, ClusterJobController(api), "Succeeded")
+        jobs = await asyncio.to_thread(api.list_jobs, NS, "demo")
+    status = body["status"]
+    assert [status["stages"][s]["state"] for s in ("prepare", "train", "evaluate", "export")] == ["Succeeded"] * 4
+    assert status["metrics"]["tuned"] == {"exactMatch": 0.9} and status["artifacts"][0]["name"] == "merged"
+    assert status["lineage"]["modelRevision"] == "abc" and status["observedGeneration"] == 1
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["Ready"] == "True" and conditions["Reconciling"] == "False"
+    assert sorted(j["metadata"]["name"] for j in jobs) == ["demo-evaluate", "demo-export", "demo-prepare", "demo-train"]
+    assert all(j["metadata"]["ownerReferences"][0]["uid"] == new_job()["metadata"]["uid"] for j in jobs)
+    assert "kopf" not in json.dumps(status)  # kopf's bookkeeping stays out of the status
+    events = _events(k)
+    assert events.count("StageStarted") == 4 and events.count("StageSucceeded") == 4 and "Succeeded" in events
+
+
+async def test_a_failed_stage_ends_failed(cluster):
+    k, api = cluster
+    failure = {"ok": False, "message": "spec.dataset.source: row 4: column 'output' is a int"}
+    async with operator(str(k.url).rstrip("/")):
+        await asyncio.to_thread(
+            api.custom.create_namespaced_custom_object, "finetune.dev", "v1alpha1", NS, "finetunejobs", new_job()
+        )
+        body = await drive(api, ClusterJobController(api, fail={"prepare": failure}), "Failed")
+        names = [j["metadata"]["name"] for j in await asyncio.to_thread(api.list_jobs, NS, "demo")]
+    status = body["status"]
+    assert status["message"] == f"prepare failed: {failure['message']}"
+    assert [c["status"] for c in status["conditions"] if c["type"] == "Stalled"] == ["True"]
+    assert names == ["demo-prepare"]  # train never started
+    assert "StageFailed" in _events(k)
