@@ -212,76 +212,38 @@ def _set_condition(
 def _conditions(job: FineTuneJob, status: FineTuneJobStatus, old: FineTuneJobStatus, now: str, queued: bool) -> None:
     prior = {c.type: c for c in old.conditions}
     out: list[Condition] = []
-    gen = job.generation
     phase = status.phase
     failure = _failure_reason(status)
-    _set_condition(
-        out,
-        prior,
-        "Ready",
-        phase == "Succeeded",
-        "Succeeded" if phase == "Succeeded" else (failure or phase),
-        status.message or "",
-        gen,
-        now,
-    )
-    _set_condition(
-        out,
-        prior,
-        "Succeeded",
-        phase == "Succeeded" if phase in FINISHED_PHASES else None,
-        phase if phase in FINISHED_PHASES else "Running",
-        status.message or "",
-        gen,
-        now,
-    )
-    _set_condition(
-        out,
-        prior,
-        "Failed",
-        phase == "Failed",
-        failure or "NotFailed",
-        status.message if phase == "Failed" else "",
-        gen,
-        now,
-    )
-    _set_condition(
-        out,
-        prior,
+    message = status.message or ""
+
+    def condition(type_: str, state: bool | None, reason: str, text: str = "") -> None:
+        _set_condition(out, prior, type_, state, reason, text, job.generation, now)
+
+    finished = phase in FINISHED_PHASES
+    condition("Ready", phase == "Succeeded", "Succeeded" if phase == "Succeeded" else (failure or phase), message)
+    condition("Succeeded", phase == "Succeeded" if finished else None, phase if finished else "Running", message)
+    condition("Failed", phase == "Failed", failure or "NotFailed", message if phase == "Failed" else "")
+    suspended = phase == "Suspended"
+    condition(
         "Suspended",
-        phase == "Suspended",
-        "Suspended" if phase == "Suspended" else "NotSuspended",
-        "spec.runPolicy.suspend is true" if phase == "Suspended" else "",
-        gen,
-        now,
+        suspended,
+        "Suspended" if suspended else "NotSuspended",
+        "spec.runPolicy.suspend is true" if suspended else "",
     )
     for stage in STAGES:
         record = getattr(status.stages, stage)
         state = record.state if record else "Pending"
-        _set_condition(
-            out,
-            prior,
+        condition(
             f"{stage.capitalize()}Complete",
             state in ("Succeeded", "Skipped"),
             f"Stage{state}",
             (record.message or "") if record else "",
-            gen,
-            now,
         )
     # kstatus: Reconciling while work is under way, Stalled when it cannot make progress without a change.
     active = phase in ACTIVE_PHASES or phase == "Pending"
     progress = _progress_text(status.current_stage or "prepare", status, queued) if active else ""
-    _set_condition(out, prior, "Reconciling", active, phase if active else "Idle", progress, gen, now)
-    _set_condition(
-        out,
-        prior,
-        "Stalled",
-        phase == "Failed",
-        failure or "NotStalled",
-        status.message if phase == "Failed" else "",
-        gen,
-        now,
-    )
+    condition("Reconciling", active, phase if active else "Idle", progress)
+    condition("Stalled", phase == "Failed", failure or "NotStalled", message if phase == "Failed" else "")
     status.conditions = out
 
 
