@@ -22,7 +22,7 @@ from .api.base import GROUP, PLURAL, VERSION
 from .api.job import FineTuneJob
 from .api.status import ACTIVE_PHASES, FineTuneJobStatus
 from .cluster.build import build_stage
-from .cluster.context import OperatorSettings, child_name
+from .cluster.context import BuildContext, OperatorSettings, child_name
 from .cluster.kube import KubeApi
 from .cluster.observe import observe
 from .cluster.plugins.storage import workspace_claim, workspace_pvc
@@ -170,11 +170,9 @@ def apply(api: KubeApi, job: FineTuneJob, result: Plan, settings: OperatorSettin
         api.delete_children(ns, job.name, keep_run=result.status.run)
     if result.cleanup:
         api.delete_children(ns, job.name, keep_run=None)
-        planned = job.model_copy(update={"status": result.status})
-        from .cluster.context import BuildContext
-
-        if workspace_pvc(BuildContext(job=planned, stage="prepare", settings=settings)) is not None:
-            api.delete_workspace(ns, workspace_claim(BuildContext(job=planned, stage="prepare", settings=settings)))
+        ctx = BuildContext(job=job.model_copy(update={"status": result.status}), stage="prepare", settings=settings)
+        if workspace_pvc(ctx) is not None:  # only a workspace the operator created is the operator's to delete
+            api.delete_workspace(ns, workspace_claim(ctx))
     if result.start:
         planned = job.model_copy(update={"status": result.status})
         objects = build_stage(planned, result.start, settings).all()
