@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import copy
 import json
+import socket
+import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +28,7 @@ from finetune_operator import controller  # noqa: F401  (registers the handlers)
 from finetune_operator.cluster.kube import KubeApi
 
 from .conftest import MINIMAL_JOB
+from .helm import allows, one, render_chart
 
 pytestmark = pytest.mark.asyncio
 NS = "ml"
@@ -90,9 +94,12 @@ def declare_resources(k: kmock.KubernetesEmulator) -> None:
     )
 
 
-def api_for(url: str) -> KubeApi:
+def api_for(url: str, agent: str | None = None) -> KubeApi:
     config = client.Configuration(host=url)
-    return KubeApi(client.ApiClient(config))
+    api = KubeApi(client.ApiClient(config))
+    if agent:
+        api.api_client.user_agent = agent
+    return api
 
 
 class ClusterJobController:
@@ -101,11 +108,17 @@ class ClusterJobController:
     def __init__(self, api: KubeApi, fail: dict[str, dict[str, Any]] | None = None, hold: set[str] | None = None):
         self.api, self.fail, self.hold = api, fail or {}, hold or set()
         self.done: set[str] = set()
+        self.running: set[str] = set()
 
     def step(self) -> None:
         for job in self.api.list_jobs(NS, MINIMAL_JOB["metadata"]["name"]):
             name, stage = job["metadata"]["name"], job["metadata"]["labels"]["finetune.dev/stage"]
-            if name in self.done or stage in self.hold:
+            if name in self.done:
+                continue
+            if stage in self.hold:
+                if name not in self.running:  # a pod that runs until the hold is lifted
+                    self.api.core.create_namespaced_pod(NS, self._pod(job, f"{name}-run", {"phase": "Running"}))
+                    self.running.add(name)
                 continue
             failed = stage in self.fail
             summary = self.fail.get(stage, SUMMARIES[stage])
@@ -152,21 +165,46 @@ class ClusterJobController:
             self.api.batch.patch_namespaced_job_status(name, NS, {"status": status})
             self.done.add(name)
 
+    @staticmethod
+    def _pod(job: dict[str, Any], name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "resourceVersion": "1",
+                "labels": {**job["spec"]["template"]["metadata"]["labels"], "job-name": job["metadata"]["name"]},
+                "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+            },
+            "spec": {"containers": [{"name": "stage", "image": "x"}]},
+            "status": status,
+        }
+
 
 @contextlib.asynccontextmanager
-async def operator(url: str) -> AsyncIterator[None]:
+async def operator(url: str, metrics_port: int | None = None) -> AsyncIterator[None]:
+    """A real kopf operator in its own thread and event loop, as a separate process would be.
+
+    (In the test's loop, kopf's shutdown would cancel every task created after its start, the emulator's
+    connection handlers included.)
+    """
     SERVER["url"] = url
-    stop, ready = asyncio.Event(), asyncio.Event()
-    memo = kopf.Memo(api=api_for(url))
-    task = asyncio.create_task(
-        kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready, memo=memo)
+    stop, ready = threading.Event(), threading.Event()
+    memo = kopf.Memo(api=api_for(url), metrics_port=metrics_port)
+    thread = threading.Thread(
+        target=asyncio.run,
+        args=(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready, memo=memo),),
+        daemon=True,
     )
-    await asyncio.wait_for(ready.wait(), 10)
+    thread.start()
+    assert await asyncio.to_thread(ready.wait, 15), "the operator did not start"
     try:
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, 15)
+        await asyncio.to_thread(thread.join, 15)
+        assert not thread.is_alive(), "the operator did not stop"
         memo.api.api_client.close()
 
 
@@ -204,9 +242,50 @@ def new_job() -> dict[str, Any]:
 @pytest_asyncio.fixture
 async def cluster(kmock: kmock.KubernetesEmulator) -> AsyncIterator[tuple[kmock.KubernetesEmulator, KubeApi]]:
     declare_resources(kmock)
-    api = api_for(str(kmock.url).rstrip("/"))
+    api = api_for(str(kmock.url).rstrip("/"), agent="test-cluster")
     yield kmock, api
     api.api_client.close()  # keep-alive connections would hold the emulator's shutdown
+    assert_rbac_allows_every_operator_request(kmock)
+
+
+RBAC_VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "DELETE": "delete"}
+
+
+def assert_rbac_allows_every_operator_request(k: kmock.KubernetesEmulator) -> None:
+    """Every API call the operator (kopf and our KubeApi) made is granted by the chart's ClusterRole."""
+    rules = one(render_chart(), "ClusterRole")["rules"]
+    made = set()
+    for request in k._requests:
+        agent = request.headers.get("User-Agent", "")
+        if not agent.startswith(("kopf/", "finetune-operator/")) or request.resource is None:
+            continue
+        if not request.resource.plural:  # API discovery (/api, /apis/GROUP/VERSION): open to every account
+            continue
+        action = request.action.value if request.action else ""
+        verb = "patch" if request.method.value == "PATCH" else RBAC_VERBS.get(action, action.lower())
+        plural = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        made.add((verb, request.resource.group or "", plural))
+    denied = [call for call in made if not allows(rules, *call)]
+    assert not denied, f"the chart's RBAC does not allow: {sorted(denied)}"
+    # The log is really the operator's (kopf watches, our writes): the check above is not vacuous.
+    assert {("watch", "finetune.dev", "finetunejobs"), ("create", "", "events")} <= made, sorted(made)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The operator's /metrics as {"name{labels}": value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
 
 
 def _events(k: kmock.KubernetesEmulator) -> list[str]:
@@ -214,14 +293,20 @@ def _events(k: kmock.KubernetesEmulator) -> list[str]:
     return [r.data.get("reason") for r in k._requests if r.method.value == "POST" and "/events" in str(r.url)]
 
 
+async def create_job(api: KubeApi) -> None:
+    await asyncio.to_thread(
+        api.custom.create_namespaced_custom_object, "finetune.dev", "v1alpha1", NS, "finetunejobs", new_job()
+    )
+
+
 async def test_a_job_goes_from_pending_to_succeeded(cluster):
     k, api = cluster
-    async with operator(str(k.url).rstrip("/")):
-        await asyncio.to_thread(
-            api.custom.create_namespaced_custom_object, "finetune.dev", "v1alpha1", NS, "finetunejobs", new_job()
-        )
+    port = free_port()
+    async with operator(str(k.url).rstrip("/"), metrics_port=port):
+        await create_job(api)
         body = await drive(api, ClusterJobController(api), "Succeeded")
         jobs = await asyncio.to_thread(api.list_jobs, NS, "demo")
+        metrics = await asyncio.to_thread(scrape, port)
     status = body["status"]
     assert [status["stages"][s]["state"] for s in ("prepare", "train", "evaluate", "export")] == ["Succeeded"] * 4
     assert status["metrics"]["tuned"] == {"exactMatch": 0.9} and status["artifacts"][0]["name"] == "merged"
@@ -233,15 +318,19 @@ async def test_a_job_goes_from_pending_to_succeeded(cluster):
     assert "kopf" not in json.dumps(status)  # kopf's bookkeeping stays out of the status
     events = _events(k)
     assert events.count("StageStarted") == 4 and events.count("StageSucceeded") == 4 and "Succeeded" in events
+    assert metrics['finetune_jobs{namespace="ml",phase="Succeeded"}'] == 1
+    assert metrics['finetune_jobs{namespace="ml",phase="Training"}'] == 0
+    for stage in ("prepare", "train", "evaluate", "export"):
+        assert metrics[f'finetune_stage_duration_seconds_count{{outcome="Succeeded",stage="{stage}"}}'] == 1
+    assert metrics["finetune_time_to_first_stage_seconds_count"] == 1
+    assert metrics["finetune_reconcile_errors_total"] == 0 and metrics["finetune_reconcile_duration_seconds_count"] > 4
 
 
 async def test_a_failed_stage_ends_failed(cluster):
     k, api = cluster
     failure = {"ok": False, "message": "spec.dataset.source: row 4: column 'output' is a int"}
     async with operator(str(k.url).rstrip("/")):
-        await asyncio.to_thread(
-            api.custom.create_namespaced_custom_object, "finetune.dev", "v1alpha1", NS, "finetunejobs", new_job()
-        )
+        await create_job(api)
         body = await drive(api, ClusterJobController(api, fail={"prepare": failure}), "Failed")
         names = [j["metadata"]["name"] for j in await asyncio.to_thread(api.list_jobs, NS, "demo")]
     status = body["status"]
@@ -249,3 +338,71 @@ async def test_a_failed_stage_ends_failed(cluster):
     assert [c["status"] for c in status["conditions"] if c["type"] == "Stalled"] == ["True"]
     assert names == ["demo-prepare"]  # train never started
     assert "StageFailed" in _events(k)
+
+
+PROGRESS_LOG = "\n".join(
+    [
+        "Loading checkpoint shards: 100%",
+        json.dumps({"finetune.dev/progress": "progress", "stage": "train", "step": 41, "totalSteps": 100}),
+        json.dumps(
+            {"finetune.dev/progress": "progress", "stage": "train", "step": 42, "totalSteps": 100, "loss": 1.25,
+             "tokensPerSecond": 5120.0, "etaSeconds": 3480}
+        ),
+    ]
+)  # fmt: skip
+
+
+async def drive_until(api: KubeApi, jobs: ClusterJobController, check, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        await asyncio.to_thread(jobs.step)
+        body = await asyncio.to_thread(
+            api.custom.get_namespaced_custom_object, "finetune.dev", "v1alpha1", NS, "finetunejobs", "demo"
+        )
+        if check(body.get("status") or {}):
+            return body
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not reached: {json.dumps(body.get('status'), indent=1)[:3000]}")
+
+
+async def test_training_progress_comes_from_the_train_pod_log(cluster, monkeypatch):
+    k, api = cluster
+    monkeypatch.setattr("finetune_operator.controller.POLL_SECONDS", 0.5)
+    (
+        k[f"get /api/v1/namespaces/{NS}/pods/demo-train-run/log"] << PROGRESS_LOG
+    )  # text/plain, as the API server serves logs
+    jobs = ClusterJobController(api, hold={"train"})
+    async with operator(str(k.url).rstrip("/")):
+        await create_job(api)
+        body = await drive_until(api, jobs, lambda s: (s.get("progress") or {}).get("step") == 42)
+        status = body["status"]
+        assert status["phase"] == "Training" and status["progress"]["percent"] == 42
+        assert status["progress"]["eta"] == "58m00s" and status["progress"]["tokensPerSecond"] == 5120.0
+        assert status["message"] == "train step 42/100 (42%), loss 1.25, ETA 58m00s"
+        jobs.hold.clear()
+        body = await drive(api, jobs, "Succeeded")
+    assert body["status"]["progress"]["step"] == 10  # the train summary's final numbers replace the live ones
+
+
+async def test_restarting_the_operator_mid_job_duplicates_nothing(cluster):
+    k, api = cluster
+    url = str(k.url).rstrip("/")
+    jobs = ClusterJobController(api, hold={"train"})
+    async with operator(url):
+        await create_job(api)
+        await drive_until(api, jobs, lambda s: s.get("phase") == "Training")
+    # The operator is gone while train runs; the job controller moves on without it.
+    jobs.hold.clear()
+    await asyncio.to_thread(jobs.step)
+    async with operator(url):
+        body = await drive(api, jobs, "Succeeded")
+    creations = [
+        r.data["metadata"]["name"] for r in k._requests if r.method.value == "POST" and r.url.path.endswith("/jobs")
+    ]
+    assert sorted(creations) == ["demo-evaluate", "demo-export", "demo-prepare", "demo-train"]  # each exactly once
+    status = body["status"]
+    assert [status["stages"][s]["state"] for s in ("prepare", "train", "evaluate", "export")] == ["Succeeded"] * 4
+    assert status["lineage"]["modelRevision"] == "abc"  # prepare's result, recorded by the first operator, is kept
+    events = _events(k)
+    assert events.count("StageStarted") == 4 and events.count("StageSucceeded") == 4

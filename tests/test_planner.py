@@ -178,9 +178,8 @@ def test_planning_is_deterministic():
 def test_kueue_admission_wait_is_visible():
     job = make_job()
     result = step(job, {"prepare": ObservedStage(exists=True, queued=True)})
-    assert (
-        next(c for c in result.status.conditions if c.type == "Reconciling").message == "prepare: waiting for admission"
-    )
+    reconciling = next(c for c in result.status.conditions if c.type == "Reconciling")
+    assert reconciling.message == "prepare: waiting for admission" and reconciling.reason == "WaitingForAdmission"
 
 
 def test_active_deadline_fails_the_run():

@@ -39,7 +39,7 @@ def pods(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
             for o in objects if o["kind"] == "Job"]  # fmt: skip
 
 
-def assert_restricted(pod: dict[str, Any]) -> None:
+def assert_restricted(pod: dict[str, Any], *, api_access: bool = False) -> None:
     """The Pod Security Standard "restricted" profile, rule by rule."""
     assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -53,7 +53,8 @@ def assert_restricted(pod: dict[str, Any]) -> None:
             "NET_BIND_SERVICE"}  # fmt: skip
         assert ctx.get("runAsUser", pod["securityContext"].get("runAsUser")) != 0
         assert not any(p.get("hostPort") for p in container.get("ports", []))
-    assert pod["automountServiceAccountToken"] is False  # stage programs need no API access
+    if not api_access:
+        assert pod["automountServiceAccountToken"] is False  # stage programs need no API access
 
 
 @pytest.mark.parametrize("path", CLUSTER_EXAMPLES, ids=lambda p: p.stem)

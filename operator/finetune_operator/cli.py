@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
-    from .api.crd import CRD_FILE, render_crd
+    from .api.crd import CHART_CRD_FILE, CRD_FILE, render_crd
     from .api.reference import REFERENCE_FILE, render_reference
 
-    outputs = {CRD_FILE: render_crd(), REFERENCE_FILE: render_reference()}
+    crd = render_crd()
+    outputs = {CRD_FILE: crd, CHART_CRD_FILE: crd, REFERENCE_FILE: render_reference()}
     if args.check:
         stale = [path for path, text in outputs.items() if not path.exists() or path.read_text() != text]
         for path in stale:
@@ -95,7 +97,11 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_operator(args: argparse.Namespace) -> int:
     from .controller import run_operator
 
-    run_operator(args.namespace or [], args.liveness, args.peering)
+    try:
+        run_operator(args.namespace or [], args.liveness, args.peering, args.metrics_port or None, args.priority)
+    except ValueError as exc:  # operator settings from the environment (the chart's values)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -128,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = sub.add_parser("crd", help="print the FineTuneJob CRD generated from the API models")
     mode = crd.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="write it to crds/ and docs/api-reference.md")
+    mode.add_argument(
+        "--write", action="store_true", help="write it to crds/, the chart's crds/ and docs/api-reference.md"
+    )
     mode.add_argument("--reference", action="store_true", help="print the Markdown API reference instead")
     mode.add_argument("--check", action="store_true", help="exit 1 if crds/ differs from the models")
     crd.set_defaults(func=_cmd_crd)
@@ -175,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--namespace", "-n", action="append", help="watch only this namespace (repeatable)")
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint")
     op.add_argument("--peering", help="kopf peering name (for more than one replica); default: standalone")
+    op.add_argument(
+        "--priority", type=int, help="kopf peering priority (default with --peering: a random one per process)"
+    )
+    op.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("FINETUNE_METRICS_PORT", "8000")),
+        help="port of the Prometheus /metrics endpoint; 0 turns it off (default 8000 or $FINETUNE_METRICS_PORT)",
+    )
     op.set_defaults(func=_cmd_operator)
 
     from .stages.runner import add_arguments

@@ -13,6 +13,8 @@ import collections
 import datetime as dt
 import logging
 import os
+import random
+import time
 from typing import Any
 
 import kopf
@@ -26,21 +28,12 @@ from .cluster.context import BuildContext, OperatorSettings, child_name
 from .cluster.kube import KubeApi
 from .cluster.observe import observe
 from .cluster.plugins.storage import workspace_claim, workspace_pvc
+from .cluster.telemetry import OperatorMetrics
 from .planner import Plan, plan
 
 LABEL = "finetune.dev/job"
 POLL_SECONDS = float(os.environ.get("FINETUNE_POLL_SECONDS", "5"))
 Key = tuple[str, str]
-
-
-def settings_from_env() -> OperatorSettings:
-    base = OperatorSettings()
-    return OperatorSettings(
-        trainer_image=os.environ.get("FINETUNE_TRAINER_IMAGE", base.trainer_image),
-        image_pull_policy=os.environ.get("FINETUNE_IMAGE_PULL_POLICY", base.image_pull_policy),
-        workspace_size=os.environ.get("FINETUNE_WORKSPACE_SIZE", base.workspace_size),
-        workspace_storage_class=os.environ.get("FINETUNE_WORKSPACE_STORAGE_CLASS") or None,
-    )
 
 
 @kopf.on.startup()
@@ -51,17 +44,26 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     memo.api = memo.get("api") or KubeApi()
-    memo.settings = memo.get("settings") or settings_from_env()
+    memo.settings = memo.get("settings") or OperatorSettings.from_env(os.environ)
     memo.locks = collections.defaultdict(asyncio.Lock)
     memo.written = {}
     memo.indexes = None
+    memo.metrics = memo.get("metrics") or OperatorMetrics(phases=lambda: _phases(memo))
+    port = memo.get("metrics_port")
+    memo.stop_metrics = memo.metrics.serve(port) if port else None
     memo.poller = asyncio.create_task(_poll(memo))
+
+
+def _phases(memo: kopf.Memo) -> list[tuple[str, str]]:
+    return [(ns, (w.get("status") or {}).get("phase", "Pending")) for (ns, _), w in list(memo.written.items())]
 
 
 @kopf.on.cleanup()
 async def stop_polling(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("poller"):
         memo.poller.cancel()
+    if memo.get("stop_metrics"):
+        await asyncio.to_thread(memo.stop_metrics)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -136,29 +138,42 @@ def _current(body: dict[str, Any], written: dict[str, Any] | None) -> dict[str, 
 async def reconcile(key: Key, memo: kopf.Memo, indexes: dict[str, Any]) -> None:
     if {"finetunejobs", "stage_jobs", "stage_pods"} <= indexes.keys():
         memo.indexes = {k: indexes[k] for k in ("finetunejobs", "stage_jobs", "stage_pods")}
-    async with memo.locks[key]:
-        bodies = list(memo.indexes["finetunejobs"].get(key, []))
-        if not bodies or (bodies[0].get("metadata") or {}).get("deletionTimestamp"):
-            return
-        body = _current(bodies[0], memo.written.get(key))
-        api: KubeApi = memo.api
-        try:
-            job = FineTuneJob.model_validate(body)
-        except ValidationError as exc:
-            await _refuse(api, key, body, memo, exc)
-            return
-        jobs = list(memo.indexes["stage_jobs"].get(key, []))
-        pods = list(memo.indexes["stage_pods"].get(key, []))
-        logs = await asyncio.to_thread(_train_log, api, job, pods)
-        result = plan(job, observe(job.status.run, jobs, pods, logs), dt.datetime.now(dt.UTC))
-        await asyncio.to_thread(apply, api, job, result, memo.settings)
-        status = result.status.wire()
-        previous = (memo.written.get(key) or {}).get("status")
-        if status != previous and status != (body.get("status") or None):
-            await asyncio.to_thread(api.patch_status, key[0], key[1], status)
-        memo.written[key] = {"uid": job.uid, "status": status}
-        for event in result.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    metrics: OperatorMetrics = memo.metrics
+    started = time.monotonic()
+    try:
+        async with memo.locks[key]:
+            await _reconcile(key, memo)
+    except Exception:
+        metrics.reconcile_errors.inc()
+        raise
+    finally:
+        metrics.reconcile_seconds.observe(time.monotonic() - started)
+
+
+async def _reconcile(key: Key, memo: kopf.Memo) -> None:
+    bodies = list(memo.indexes["finetunejobs"].get(key, []))
+    if not bodies or (bodies[0].get("metadata") or {}).get("deletionTimestamp"):
+        return
+    body = _current(bodies[0], memo.written.get(key))
+    api: KubeApi = memo.api
+    try:
+        job = FineTuneJob.model_validate(body)
+    except ValidationError as exc:
+        await _refuse(api, key, body, memo, exc)
+        return
+    jobs = list(memo.indexes["stage_jobs"].get(key, []))
+    pods = list(memo.indexes["stage_pods"].get(key, []))
+    logs = await asyncio.to_thread(_train_log, api, job, pods)
+    result = plan(job, observe(job.status.run, jobs, pods, logs), dt.datetime.now(dt.UTC))
+    await asyncio.to_thread(apply, api, job, result, memo.settings)
+    status = result.status.wire()
+    previous = (memo.written.get(key) or {}).get("status")
+    if status != previous and status != (body.get("status") or None):
+        await asyncio.to_thread(api.patch_status, key[0], key[1], status)
+    memo.metrics.record(previous or body.get("status"), status, (body.get("metadata") or {}).get("creationTimestamp"))
+    memo.written[key] = {"uid": job.uid, "status": status}
+    for event in result.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
 def apply(api: KubeApi, job: FineTuneJob, result: Plan, settings: OperatorSettings) -> None:
@@ -203,13 +218,29 @@ def _valid_status(body: dict[str, Any]) -> bool:
     return True
 
 
-def run_operator(namespaces: list[str], liveness: str | None, peering: str | None) -> None:
-    """Run the operator until it is stopped (what the operator image's entrypoint calls)."""
+def run_operator(
+    namespaces: list[str],
+    liveness: str | None,
+    peering: str | None,
+    metrics_port: int | None = None,
+    priority: int | None = None,
+) -> None:
+    """Run the operator until it is stopped (what the operator image's entrypoint calls).
+
+    With a peering name, replicas elect one active operator through kopf peering: the highest priority works,
+    the others pause until its peering record expires. Equal priorities would freeze every replica, so each
+    process draws its own unless one is given.
+    """
+    settings = OperatorSettings.from_env(os.environ)  # a bad value stops here, before anything is watched
     kopf.configure(verbose=False)
+    if peering and priority is None:
+        priority = random.SystemRandom().randint(1, 2**31 - 1)
     kopf.run(
         clusterwide=not namespaces,
-        namespaces=namespaces or None,
+        namespaces=namespaces or (),
         liveness_endpoint=liveness,
         peering_name=peering,
         standalone=peering is None,
+        priority=priority,
+        memo=kopf.Memo(metrics_port=metrics_port, settings=settings),
     )

@@ -242,7 +242,8 @@ def _conditions(job: FineTuneJob, status: FineTuneJobStatus, old: FineTuneJobSta
     # kstatus: Reconciling while work is under way, Stalled when it cannot make progress without a change.
     active = phase in ACTIVE_PHASES or phase == "Pending"
     progress = _progress_text(status.current_stage or "prepare", status, queued) if active else ""
-    condition("Reconciling", active, phase if active else "Idle", progress)
+    # "WaitingForAdmission" tells GitOps health checks that the job is queued (Kueue), not stuck.
+    condition("Reconciling", active, "WaitingForAdmission" if queued else (phase if active else "Idle"), progress)
     condition("Stalled", phase == "Failed", failure or "NotStalled", message if phase == "Failed" else "")
     status.conditions = out
 

@@ -21,6 +21,8 @@ from .spec import FineTuneJobSpec
 from .status import ACTIVE_PHASES, FineTuneJobStatus
 
 CRD_FILE = Path(__file__).resolve().parents[3] / "crds" / f"{GROUP}_{PLURAL}.yaml"
+# Helm installs a chart's crds/ folder before its templates; it carries the same files as crds/.
+CHART_CRD_FILE = CRD_FILE.parents[1] / "charts" / "finetune-operator" / "crds" / CRD_FILE.name
 MAX_NAME_LENGTH = 50
 
 # Fields a running stage depends on. Changing them mid-run would leave the run half old, half new.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,40 @@ class OperatorSettings:
             "export": {"cpu": "4", "memory": "32Gi"},
         }
     )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> OperatorSettings:
+        """The settings the Helm chart passes as FINETUNE_* environment variables (the rest keep defaults)."""
+        base = cls()
+        resources = {stage: dict(values) for stage, values in base.stage_resources.items()}
+        raw = environ.get("FINETUNE_STAGE_RESOURCES")
+        if raw:
+            for stage, values in _stage_resources(raw).items():
+                resources[stage].update(values)
+        return cls(
+            trainer_image=environ.get("FINETUNE_TRAINER_IMAGE") or base.trainer_image,
+            image_pull_policy=environ.get("FINETUNE_IMAGE_PULL_POLICY") or base.image_pull_policy,
+            workspace_size=environ.get("FINETUNE_WORKSPACE_SIZE") or base.workspace_size,
+            workspace_storage_class=environ.get("FINETUNE_WORKSPACE_STORAGE_CLASS") or None,
+            stage_resources=resources,
+        )
+
+
+def _stage_resources(raw: str) -> dict[str, dict[str, str]]:
+    fix = 'e.g. {"train": {"cpu": "8", "memory": "64Gi"}} (Helm value stageResources)'
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"FINETUNE_STAGE_RESOURCES is not JSON ({exc}); expected {fix}") from None
+    stages = ("prepare", "train", "evaluate", "export")
+    if not isinstance(value, dict):
+        raise ValueError(f"FINETUNE_STAGE_RESOURCES must be an object; expected {fix}")
+    for stage, values in value.items():
+        if stage not in stages:
+            raise ValueError(f"FINETUNE_STAGE_RESOURCES: unknown stage {stage!r} (one of {', '.join(stages)})")
+        if not isinstance(values, dict) or not set(values) <= {"cpu", "memory"}:
+            raise ValueError(f"FINETUNE_STAGE_RESOURCES.{stage} takes only cpu and memory; expected {fix}")
+    return {stage: {k: str(v) for k, v in values.items()} for stage, values in value.items()}
 
 
 @dataclass
