@@ -85,3 +85,12 @@ def test_log_fallback_and_progress_and_queueing():
 def test_children_of_other_runs_are_reported_apart():
     seen = observe(2, [job("prepare", run=1, active=1)], [])
     assert seen.other_runs and not seen.stages
+
+
+def test_an_ended_job_whose_pod_is_not_in_view_has_results_pending():
+    failed = job("train", failed=2, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
+    one_pod_seen = [pod("train", "Failed", None)]
+    assert observe(1, [failed], one_pod_seen).stage("train").results_pending  # the Job counts 2 ended pods
+    both_seen = [pod("train", "Failed", None), pod("train", "Failed", None, finished="2026-11-26T12:05:00Z")]
+    seen = observe(1, [failed], both_seen).stage("train")
+    assert not seen.results_pending and seen.message.startswith("BackoffLimitExceeded")  # e.g. OOMKilled: no summary

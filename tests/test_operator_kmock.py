@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import datetime as dt
 import json
 import socket
 import threading
@@ -92,6 +93,10 @@ def declare_resources(k: kmock.KubernetesEmulator) -> None:
     k.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"}
     )
+    # kopf peering (the chart's crds/kopf.dev_peerings.yaml): replicas record themselves under .status.
+    k.resources["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
+        kind="ClusterKopfPeering", namespaced=False, verbs={"list", "watch", "get", "create", "patch"}
+    )
 
 
 def api_for(url: str, agent: str | None = None) -> KubeApi:
@@ -122,6 +127,7 @@ class ClusterJobController:
                 continue
             failed = stage in self.fail
             summary = self.fail.get(stage, SUMMARIES[stage])
+            now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             pod = {
                 "apiVersion": "v1",
                 "kind": "Pod",
@@ -145,7 +151,7 @@ class ClusterJobController:
                             "state": {
                                 "terminated": {
                                     "exitCode": 3 if failed else 0,
-                                    "finishedAt": "2026-11-26T12:00:00Z",
+                                    "finishedAt": now,
                                     "message": json.dumps(summary),
                                 }
                             },
@@ -159,9 +165,10 @@ class ClusterJobController:
                 "status": "True",
                 "reason": "PodFailurePolicy" if failed else "Completed",
                 "message": "",
+                "lastTransitionTime": now,
             }
-            counts = {"failed": 1} if failed else {"succeeded": 1, "completionTime": "2026-11-26T12:00:00Z"}
-            status = {"conditions": [condition], "startTime": "2026-11-26T11:59:00Z", **counts}
+            counts = {"failed": 1} if failed else {"succeeded": 1, "completionTime": now}
+            status = {"conditions": [condition], "startTime": now, **counts}
             self.api.batch.patch_namespaced_job_status(name, NS, {"status": status})
             self.done.add(name)
 
@@ -183,7 +190,9 @@ class ClusterJobController:
 
 
 @contextlib.asynccontextmanager
-async def operator(url: str, metrics_port: int | None = None) -> AsyncIterator[None]:
+async def operator(
+    url: str, metrics_port: int | None = None, peering: str | None = None, priority: int = 0, agent: str | None = None
+) -> AsyncIterator[None]:
     """A real kopf operator in its own thread and event loop, as a separate process would be.
 
     (In the test's loop, kopf's shutdown would cancel every task created after its start, the emulator's
@@ -191,12 +200,17 @@ async def operator(url: str, metrics_port: int | None = None) -> AsyncIterator[N
     """
     SERVER["url"] = url
     stop, ready = threading.Event(), threading.Event()
-    memo = kopf.Memo(api=api_for(url), metrics_port=metrics_port)
-    thread = threading.Thread(
-        target=asyncio.run,
-        args=(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready, memo=memo),),
-        daemon=True,
+    memo = kopf.Memo(api=api_for(url, agent), metrics_port=metrics_port)
+    main = kopf.operator(
+        clusterwide=True,
+        standalone=peering is None,
+        peering_name=peering,
+        priority=priority,
+        stop_flag=stop,
+        ready_flag=ready,
+        memo=memo,
     )
+    thread = threading.Thread(target=asyncio.run, args=(main,), daemon=True)
     thread.start()
     assert await asyncio.to_thread(ready.wait, 15), "the operator did not start"
     try:
@@ -253,7 +267,8 @@ RBAC_VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "creat
 
 def assert_rbac_allows_every_operator_request(k: kmock.KubernetesEmulator) -> None:
     """Every API call the operator (kopf and our KubeApi) made is granted by the chart's ClusterRole."""
-    rules = one(render_chart(), "ClusterRole")["rules"]
+    peering = any(r.resource and r.resource.group == "kopf.dev" for r in k._requests)
+    rules = one(render_chart({"replicaCount": 2} if peering else {}), "ClusterRole")["rules"]  # 2: with peering
     made = set()
     for request in k._requests:
         agent = request.headers.get("User-Agent", "")
@@ -406,3 +421,30 @@ async def test_restarting_the_operator_mid_job_duplicates_nothing(cluster):
     assert status["lineage"]["modelRevision"] == "abc"  # prepare's result, recorded by the first operator, is kept
     events = _events(k)
     assert events.count("StageStarted") == 4 and events.count("StageSucceeded") == 4
+
+
+async def test_two_replicas_with_peering_one_works_and_the_other_takes_over(cluster):
+    k, api = cluster
+    url = str(k.url).rstrip("/")
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "fto",
+               "resourceVersion": "1"}}  # fmt: skip
+    await asyncio.to_thread(api.custom.create_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", peering)
+    jobs = ClusterJobController(api, hold={"train"})
+    async with operator(url, peering="fto", priority=20, agent="finetune-operator/standby"):
+        async with operator(url, peering="fto", priority=100, agent="finetune-operator/leader"):
+            await asyncio.sleep(1)  # the standby sees the leader's peering record and pauses
+            await create_job(api)
+            await drive_until(api, jobs, lambda s: s.get("phase") == "Training")
+        # The leader is gone (its peering record with it); the standby resumes and finishes the job.
+        jobs.hold.clear()
+        await drive(api, jobs, "Succeeded", timeout=60)
+    creators = {}
+    for r in k._requests:
+        if r.method.value == "POST" and r.url.path.endswith("/jobs"):
+            creators.setdefault(r.data["metadata"]["name"], []).append(r.headers.get("User-Agent"))
+    assert creators == {
+        "demo-prepare": ["finetune-operator/leader"],
+        "demo-train": ["finetune-operator/leader"],
+        "demo-evaluate": ["finetune-operator/standby"],
+        "demo-export": ["finetune-operator/standby"],
+    }

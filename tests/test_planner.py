@@ -244,3 +244,40 @@ def test_condition_transition_times_only_move_on_change():
     before = {c.type: c.last_transition_time for c in first.status.conditions}
     after = {c.type: c.last_transition_time for c in later.status.conditions}
     assert after["Ready"] == before["Ready"] == "2026-11-26T12:00:00Z"
+
+
+def test_a_complete_job_whose_pod_is_not_seen_yet_waits_for_its_results():
+    """Jobs and pods arrive on separate watches: a Complete Job can be seen before the pod carrying the summary."""
+    job = make_job()
+    step(job)
+    complete_without_pod = ObservedStage(
+        exists=True, succeeded=True, attempts=1, completion_time="2026-11-26T12:00:00Z", results_pending=True
+    )
+    result = step(job, {"prepare": complete_without_pod}, now=T0 + dt.timedelta(seconds=5))
+    assert result.start is None and result.status.stages.prepare.state == "Running" and result.requeue_after
+    assert result.status.message == "prepare finished; reading its results"
+    result = step(job, {"prepare": done("prepare")}, now=T0 + dt.timedelta(seconds=6))
+    assert result.start == "train" and result.status.lineage.model_revision == "abc123"
+
+
+def test_results_of_a_stage_whose_pod_is_gone_are_reported_lost_not_waited_for_forever():
+    job = make_job()
+    step(job)
+    complete_without_pod = ObservedStage(
+        exists=True, succeeded=True, attempts=1, completion_time="2026-11-26T12:00:00Z", results_pending=True
+    )
+    result = step(job, {"prepare": complete_without_pod}, now=T0 + dt.timedelta(minutes=5))
+    assert result.start == "train" and "results were lost" in result.status.stages.prepare.message
+
+
+def test_a_failed_job_whose_pod_is_not_seen_yet_waits_for_the_reason():
+    job = make_job()
+    step(job)
+    failed_without_pod = ObservedStage(
+        exists=True, failed=True, attempts=1, message="PodFailurePolicy", completion_time="2026-11-26T12:00:00Z",
+        results_pending=True,
+    )  # fmt: skip
+    result = step(job, {"prepare": failed_without_pod}, now=T0 + dt.timedelta(seconds=3))
+    assert result.status.phase == "Preparing" and result.requeue_after
+    failed = ObservedStage(exists=True, failed=True, attempts=1, summary={"ok": False, "message": "row 4: bad"})
+    assert step(job, {"prepare": failed}).status.message == "prepare failed: row 4: bad"

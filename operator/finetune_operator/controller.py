@@ -128,6 +128,14 @@ def _train_log(api: KubeApi, job: FineTuneJob, pods: list[dict[str, Any]]) -> di
     return {}
 
 
+def _started_but_unseen(api: KubeApi, job: FineTuneJob, stage: str) -> bool:
+    """The status says this stage's Job was created, the index has no such Job, but the API server has it."""
+    record = getattr(job.status.stages, stage)
+    if record is None or record.state != "Running" or not record.job_name:
+        return False
+    return api.job_exists(job.namespace, child_name(job, stage))
+
+
 def _current(body: dict[str, Any], written: dict[str, Any] | None) -> dict[str, Any]:
     """The body with the newest status: ours, when the watch has not delivered our last write yet."""
     if written and written.get("uid") == (body.get("metadata") or {}).get("uid"):
@@ -165,6 +173,8 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
     pods = list(memo.indexes["stage_pods"].get(key, []))
     logs = await asyncio.to_thread(_train_log, api, job, pods)
     result = plan(job, observe(job.status.run, jobs, pods, logs), dt.datetime.now(dt.UTC))
+    if result.start and await asyncio.to_thread(_started_but_unseen, api, job, result.start):
+        return  # our view of the children lags (a watch resuming after a pause); the Job's event comes next
     await asyncio.to_thread(apply, api, job, result, memo.settings)
     status = result.status.wire()
     previous = (memo.written.get(key) or {}).get("status")

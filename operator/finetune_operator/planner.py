@@ -35,6 +35,8 @@ from .api.status import (
 STAGE_PHASE = {"prepare": "Preparing", "train": "Training", "evaluate": "Evaluating", "export": "Exporting"}
 RUN_DEFINING = ("model", "dataset", "method", "training", "distributed")
 MAX_RUNS_KEPT = 10
+# A Job can be seen Complete before its pod, which carries the stage's summary: wait this long for the pod.
+SUMMARY_GRACE_SECONDS = 60
 
 
 @dataclass
@@ -56,6 +58,8 @@ class ObservedStage:
     """The last progress record (train)."""
     start_time: str | None = None
     completion_time: str | None = None
+    results_pending: bool = False
+    """The stage ended but the pod carrying its summary is not in view yet (separate watches lag)."""
 
 
 @dataclass
@@ -91,6 +95,11 @@ class Plan:
 
 def timestamp(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _summary_may_come(seen: ObservedStage, now: dt.datetime) -> bool:
+    finished = parse_time(seen.completion_time)
+    return finished is not None and (now - finished).total_seconds() < SUMMARY_GRACE_SECONDS
 
 
 def parse_time(value: str | None) -> dt.datetime | None:
@@ -412,12 +421,21 @@ def _advance(
         seen = observed.stage(stage)
         if record.state == "Succeeded":
             continue  # recorded results survive a deleted child and an operator restart
+        if (seen.succeeded or seen.failed) and seen.results_pending and _summary_may_come(seen, now):
+            status.phase, status.current_stage = STAGE_PHASE[stage], stage  # type: ignore[assignment]
+            record.state = "Running"
+            record.attempts = max(record.attempts, seen.attempts, 1)
+            status.message = f"{stage} finished; reading its results"
+            result.requeue_after = 2
+            return False
         if seen.succeeded:
             record.state = "Succeeded"
             record.attempts = max(record.attempts, seen.attempts, 1)
             record.start_time = record.start_time or seen.start_time
             record.completion_time = seen.completion_time or stamp
-            record.message = (seen.summary or {}).get("message") or "succeeded"
+            record.message = (seen.summary or {}).get("message") or (
+                "succeeded, but its results were lost: the stage pod was gone before they were read"
+            )
             _absorb_summary(status, stage, seen.summary)
             continue
         if seen.failed:

@@ -78,6 +78,15 @@ class KubeApi:
             if exc.status not in (404,):
                 log.debug("podgroup delete: %s", exc.reason)
 
+    def job_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.batch.read_namespaced_job(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     def list_jobs(self, namespace: str, job: str) -> list[dict[str, Any]]:
         result = self.batch.list_namespaced_job(namespace, label_selector=f"finetune.dev/job={job}")
         return [self.api_client.sanitize_for_serialization(item) for item in result.items]

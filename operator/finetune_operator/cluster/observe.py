@@ -72,6 +72,9 @@ def observe_stage(job: dict[str, Any], pods: list[dict[str, Any]], log_tail: str
     spec = job.get("spec") or {}
     complete, failed = _condition(job, "Complete"), _condition(job, "Failed")
     suspended = bool(spec.get("suspend")) and not status.get("active")
+    summary = _termination_summary(pods, "Succeeded" if complete else "Failed") if (complete or failed) else None
+    ended_in_view = sum(1 for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
+    ended_reported = int(status.get("succeeded") or 0) + int(status.get("failed") or 0)
     return ObservedStage(
         exists=True,
         active=bool(status.get("active")),
@@ -80,7 +83,8 @@ def observe_stage(job: dict[str, Any], pods: list[dict[str, Any]], log_tail: str
         queued=suspended and not complete and not failed,
         attempts=int(status.get("failed") or 0) + (1 if status.get("active") or complete else 0),
         message=f"{failed.get('reason')}: {failed.get('message', '')}".strip(": ") if failed else None,
-        summary=_termination_summary(pods, "Succeeded" if complete else "Failed") if (complete or failed) else None,
+        summary=summary,
+        results_pending=bool(complete or failed) and summary is None and ended_in_view < ended_reported,
         progress=last_progress(log_tail),
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime") or (failed or {}).get("lastTransitionTime"),
