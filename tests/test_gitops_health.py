@@ -1,6 +1,6 @@
 """GitOps health: the chart's Argo CD Lua check and Flux's kstatus rules, over statuses the real planner writes.
 
-The Lua runs in a real Lua interpreter (lupa) exactly as Argo CD runs a health customization: the script body
+The Lua runs in a real Lua 5.1 interpreter (lupa) as Argo CD runs a health customization: the script body
 with the live object as the global `obj`, returning a table with `status` and `message`.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from lupa import LuaRuntime
+from lupa.lua51 import LuaRuntime  # Argo CD runs health checks in gopher-lua, a Lua 5.1
 
 from .conftest import REPO
 from .test_planner import RUNNING, SUMMARIES, ObservedStage, done, make_job, step
