@@ -303,6 +303,13 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+def job_creations(k: kmock.KubernetesEmulator) -> list[str]:
+    """Names of the Jobs the operator asked to create, each time it asked."""
+    return [
+        r.data["metadata"]["name"] for r in k._requests if r.method.value == "POST" and r.url.path.endswith("/jobs")
+    ]
+
+
 def _events(k: kmock.KubernetesEmulator) -> list[str]:
     """Event reasons the operator posted (kmock stores generateName'd events under one key, so read requests)."""
     return [r.data.get("reason") for r in k._requests if r.method.value == "POST" and "/events" in str(r.url)]
@@ -412,10 +419,12 @@ async def test_restarting_the_operator_mid_job_duplicates_nothing(cluster):
     await asyncio.to_thread(jobs.step)
     async with operator(url):
         body = await drive(api, jobs, "Succeeded")
-    creations = [
-        r.data["metadata"]["name"] for r in k._requests if r.method.value == "POST" and r.url.path.endswith("/jobs")
-    ]
-    assert sorted(creations) == ["demo-evaluate", "demo-export", "demo-prepare", "demo-train"]  # each exactly once
+    assert sorted(job_creations(k)) == [
+        "demo-evaluate",
+        "demo-export",
+        "demo-prepare",
+        "demo-train",
+    ]  # each exactly once
     status = body["status"]
     assert [status["stages"][s]["state"] for s in ("prepare", "train", "evaluate", "export")] == ["Succeeded"] * 4
     assert status["lineage"]["modelRevision"] == "abc"  # prepare's result, recorded by the first operator, is kept
@@ -448,3 +457,63 @@ async def test_two_replicas_with_peering_one_works_and_the_other_takes_over(clus
         "demo-evaluate": ["finetune-operator/standby"],
         "demo-export": ["finetune-operator/standby"],
     }
+
+
+async def patch_spec(api: KubeApi, generation: int, **spec: Any) -> None:
+    """What `kubectl apply` of a changed spec does (kmock does not bump metadata.generation: the test does)."""
+    body = {"metadata": {"generation": generation}, "spec": spec}
+    await asyncio.to_thread(
+        api.custom.patch_namespaced_custom_object, "finetune.dev", "v1alpha1", NS, "finetunejobs", "demo", body
+    )
+
+
+async def test_suspend_stops_the_running_stage_and_resume_runs_it_again(cluster):
+    k, api = cluster
+    jobs = ClusterJobController(api, hold={"train"})
+    async with operator(str(k.url).rstrip("/")):
+        await create_job(api)
+        await drive_until(api, jobs, lambda s: s.get("phase") == "Training")
+        await patch_spec(api, 2, runPolicy={"suspend": True})
+        body = await drive_until(api, jobs, lambda s: s.get("phase") == "Suspended")
+        names = [j["metadata"]["name"] for j in await asyncio.to_thread(api.list_jobs, NS, "demo")]
+        assert names == ["demo-prepare"]  # train's Job is deleted; prepare's stays with its results
+        assert body["status"]["stages"]["prepare"]["state"] == "Succeeded"
+        await patch_spec(api, 3, runPolicy={"suspend": False})
+        await drive_until(api, jobs, lambda s: s.get("phase") == "Training")
+        jobs.hold.clear()
+        body = await drive(api, jobs, "Succeeded")
+    posts = [
+        r.data["metadata"]["name"] for r in k._requests if r.method.value == "POST" and r.url.path.endswith("/jobs")
+    ]
+    assert sorted(posts) == ["demo-evaluate", "demo-export", "demo-prepare", "demo-train", "demo-train"]
+    deletes = [r.url.path.rsplit("/", 1)[-1] for r in k._requests if r.method.value == "DELETE"]
+    assert "demo-train" in deletes and "demo-prepare" not in deletes
+    assert {"Suspended", "Resumed"} <= set(_events(k))
+    assert body["status"]["observedGeneration"] == 3
+
+
+async def test_ttl_after_finished_deletes_the_children_and_keeps_the_status(cluster, monkeypatch):
+    k, api = cluster
+    monkeypatch.setattr("finetune_operator.controller.POLL_SECONDS", 0.5)
+    job = new_job()
+    job["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 1}
+    async with operator(str(k.url).rstrip("/")):
+        await asyncio.to_thread(
+            api.custom.create_namespaced_custom_object, "finetune.dev", "v1alpha1", NS, "finetunejobs", job
+        )
+        jobs = ClusterJobController(api)
+        await drive(api, jobs, "Succeeded")
+        deadline = time.monotonic() + 20
+        while await asyncio.to_thread(api.list_jobs, NS, "demo") and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+        body = await drive(api, jobs, "Succeeded")
+    assert await asyncio.to_thread(api.list_jobs, NS, "demo") == []
+    deleted = {
+        (r.url.path.split("/")[-2], r.url.path.split("/")[-1]) for r in k._requests if r.method.value == "DELETE"
+    }
+    assert {
+        ("jobs", "demo-train"),
+        ("configmaps", "demo-train-config"),
+        ("persistentvolumeclaims", "demo-workspace"),
+    } <= deleted
+    assert body["status"]["artifacts"][0]["name"] == "merged"  # the results outlive the children

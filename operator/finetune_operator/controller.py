@@ -47,7 +47,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.settings = memo.get("settings") or OperatorSettings.from_env(os.environ)
     memo.locks = collections.defaultdict(asyncio.Lock)
     memo.written = {}
-    memo.indexes = None
+    # kopf hands each handler a shallow copy of this memo: share state through mutable containers only.
+    memo.indexes = {}
     memo.metrics = memo.get("metrics") or OperatorMetrics(phases=lambda: _phases(memo))
     port = memo.get("metrics_port")
     memo.stop_metrics = memo.metrics.serve(port) if port else None
@@ -145,7 +146,7 @@ def _current(body: dict[str, Any], written: dict[str, Any] | None) -> dict[str, 
 
 async def reconcile(key: Key, memo: kopf.Memo, indexes: dict[str, Any]) -> None:
     if {"finetunejobs", "stage_jobs", "stage_pods"} <= indexes.keys():
-        memo.indexes = {k: indexes[k] for k in ("finetunejobs", "stage_jobs", "stage_pods")}
+        memo.indexes.update({k: indexes[k] for k in ("finetunejobs", "stage_jobs", "stage_pods")})
     metrics: OperatorMetrics = memo.metrics
     started = time.monotonic()
     try:
