@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import helm_python
@@ -162,3 +164,15 @@ def test_chart_defaults_match_the_operator_defaults():
     pyproject = (REPO / "pyproject.toml").read_text()
     assert f'version = "{chart["appVersion"]}"' in pyproject
     json.loads((CHART / "values.schema.json").read_text())
+
+
+def test_the_kubectl_install_manifest_is_the_rendered_chart_and_valid():
+    result = subprocess.run(
+        [sys.executable, "scripts/render_install_manifest.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    objects = list(yaml.safe_load_all((REPO / "deploy" / "finetune-operator.yaml").read_text()))
+    kinds = [o["kind"] for o in objects]
+    assert kinds.index("Namespace") < kinds.index("Deployment") and kinds.count("CustomResourceDefinition") == 3
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)

@@ -15,6 +15,9 @@ def test_ruff_clean(args):
     ruff = shutil.which("ruff")
     assert ruff, "ruff is installed by scripts/setup.sh (the test extra)"
     result = subprocess.run(
-        [ruff, *args, "operator", "tests", "examples", "benchmarks"], cwd=REPO, capture_output=True, text=True
+        [ruff, *args, "operator", "tests", "examples", "benchmarks", "scripts"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
