@@ -191,7 +191,12 @@ class ClusterJobController:
 
 @contextlib.asynccontextmanager
 async def operator(
-    url: str, metrics_port: int | None = None, peering: str | None = None, priority: int = 0, agent: str | None = None
+    url: str,
+    metrics_port: int | None = None,
+    peering: str | None = None,
+    priority: int = 0,
+    agent: str | None = None,
+    liveness: str | None = None,
 ) -> AsyncIterator[None]:
     """A real kopf operator in its own thread and event loop, as a separate process would be.
 
@@ -206,6 +211,7 @@ async def operator(
         standalone=peering is None,
         peering_name=peering,
         priority=priority,
+        liveness_endpoint=liveness,
         stop_flag=stop,
         ready_flag=ready,
         memo=memo,
@@ -323,12 +329,14 @@ async def create_job(api: KubeApi) -> None:
 
 async def test_a_job_goes_from_pending_to_succeeded(cluster):
     k, api = cluster
-    port = free_port()
-    async with operator(str(k.url).rstrip("/"), metrics_port=port):
+    port, health = free_port(), free_port()
+    async with operator(str(k.url).rstrip("/"), metrics_port=port, liveness=f"http://127.0.0.1:{health}/healthz"):
         await create_job(api)
         body = await drive(api, ClusterJobController(api), "Succeeded")
         jobs = await asyncio.to_thread(api.list_jobs, NS, "demo")
         metrics = await asyncio.to_thread(scrape, port)
+        probe = await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{health}/healthz", timeout=5)
+    assert probe.status == 200  # what the chart's startup and liveness probes call
     status = body["status"]
     assert [status["stages"][s]["state"] for s in ("prepare", "train", "evaluate", "export")] == ["Succeeded"] * 4
     assert status["metrics"]["tuned"] == {"exactMatch": 0.9} and status["artifacts"][0]["name"] == "merged"
