@@ -105,3 +105,7 @@ def local_spec(model: Path, data: Path, **sections: Any) -> dict[str, Any]:
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value}
     return spec
+
+
+# ---------------------------------------------------------------- the real API server (tests/apiserver.py)
+from tests.apiserver import apiserver, crd_installed, namespace  # noqa: E402,F401  (fixtures)
