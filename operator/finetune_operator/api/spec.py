@@ -258,8 +258,8 @@ class TrainingSpec(ApiModel):
 
     model_config = rules(
         cel(
-            "has(self.epochs) != has(self.maxSteps)",
-            "set exactly one of spec.training.epochs or spec.training.maxSteps",
+            "!(has(self.epochs) && has(self.maxSteps))",
+            "set at most one of spec.training.epochs or spec.training.maxSteps (neither: one epoch)",
             ".epochs",
         ),
         cel(
@@ -289,9 +289,9 @@ class TrainingSpec(ApiModel):
     """sft: supervised fine-tuning; dpo: preference optimisation; reward: train a reward model on preference
     pairs; grpo: reinforcement learning with a reward function."""
     epochs: Annotated[float, Field(gt=0, le=1000)] | None = None
-    """Passes over the training data (fractions allowed). Exactly one of epochs and maxSteps."""
+    """Passes over the training data (fractions allowed). At most one of epochs and maxSteps; neither: 1 epoch."""
     max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
-    """Optimizer steps to run. Exactly one of epochs and maxSteps."""
+    """Optimizer steps to run (instead of epochs). At most one of epochs and maxSteps."""
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
     """Peak learning rate."""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
@@ -677,8 +677,8 @@ class FineTuneJobSpec(ApiModel):
     """The training (and evaluation) data."""
     method: MethodSpec = Field(default_factory=MethodSpec)
     """LoRA, QLoRA or full fine-tuning."""
-    training: TrainingSpec
-    """Objective and hyper-parameters."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Objective and hyper-parameters (default: sft for one epoch)."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Workers, GPUs and per-stage CPU/memory."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)

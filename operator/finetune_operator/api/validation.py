@@ -21,11 +21,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .base import API_VERSION, KIND, URI_PATTERN
-from .crd import MAX_NAME_LENGTH, open_api_schema
+from .crd import open_api_schema
+from .names import DNS_1035_LABEL_PATTERN, MAX_NAME_LENGTH, NAME_FORMAT_MESSAGE, NAME_LENGTH_MESSAGE
 from .spec import FineTuneJobSpec
 
 Target = Literal["cluster", "local"]
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 LOCAL_SCHEMES = ("file://", "/", "./", "../")
 
 
@@ -36,6 +36,8 @@ class Problem:
     path: str
     message: str
     severity: Literal["error", "warning"] = "error"
+    beyond_crd: bool = False
+    """A rule the API server cannot check (files, where the job runs, lengths across fields): see the README."""
 
     def format(self, source: str = "") -> str:
         prefix = f"{source}: " if source else ""
@@ -106,6 +108,39 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
     return problems
 
 
+# ---------------------------------------------------------------- what the API server does before validating
+
+
+def as_decoded(value: Any, schema: dict[str, Any], path: str, problems: list[Problem]) -> Any:
+    """`value` as the API server reads it against the CRD schema, before its validation proper.
+
+    A null field that is not nullable is dropped (its default, if any, applies); a whole number written as a
+    float (`2.0`) is an integer; and a list of `x-kubernetes-list-type: set` must not repeat an entry (a
+    problem is added to `problems`).
+    """
+    kind = schema.get("type")
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind == "object" and isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else None
+        out = {}
+        for key, child in value.items():
+            sub = props.get(key, extra)
+            if child is None and sub is not None and not sub.get("nullable"):
+                continue
+            out[key] = as_decoded(child, sub, f"{path}.{key}", problems) if sub is not None else child
+        return out
+    if kind == "array" and isinstance(value, list):
+        items = [as_decoded(v, schema.get("items", {}), f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        if schema.get("x-kubernetes-list-type") == "set":
+            for i, item in enumerate(items):
+                if item in items[:i]:
+                    problems.append(Problem(f"{path}[{i}]", f"duplicate value {item!r}: list each entry once"))
+        return items
+    return value
+
+
 # ---------------------------------------------------------------- CRD CEL rules (cel-python)
 
 
@@ -136,9 +171,12 @@ def _to_cel(value: Any, schema: dict[str, Any]) -> Any:
 
 def evaluate_rule(rule: str, self_value: Any, old_value: Any = None) -> bool:
     """Evaluate one CEL rule the way the API server would (`oldSelf` only on update)."""
-    activation = {"self": celpy.json_to_cel(self_value)}
-    if old_value is not None:
-        activation["oldSelf"] = celpy.json_to_cel(old_value)
+    old = celpy.json_to_cel(old_value) if old_value is not None else None
+    return _evaluate(rule, celpy.json_to_cel(self_value), old)
+
+
+def _evaluate(rule: str, self_cel: Any, old_cel: Any = None) -> bool:
+    activation = {"self": self_cel} if old_cel is None else {"self": self_cel, "oldSelf": old_cel}
     result = _program(rule).evaluate(activation)
     if isinstance(result, Exception):
         raise result
@@ -148,14 +186,16 @@ def evaluate_rule(rule: str, self_value: Any, old_value: Any = None) -> bool:
 def _cel_problems(schema: dict[str, Any], value: Any, path: str, old: Any = None) -> Iterator[Problem]:
     if value is None:
         return
-    for entry in schema.get("x-kubernetes-validations", []):
+    entries = schema.get("x-kubernetes-validations", [])
+    # Converted once per node: the conversion costs as much as evaluating the rule.
+    self_cel = celpy.json_to_cel(_to_cel(value, schema)) if entries else None
+    old_cel = celpy.json_to_cel(_to_cel(old, schema)) if entries and old is not None else None
+    for entry in entries:
         is_transition = "oldSelf" in entry["rule"]
-        if is_transition and old is None:
+        if is_transition and old_cel is None:
             continue
-        typed = _to_cel(value, schema)
-        typed_old = _to_cel(old, schema) if is_transition else None
         try:
-            ok = evaluate_rule(entry["rule"], typed, typed_old)
+            ok = _evaluate(entry["rule"], self_cel, old_cel if is_transition else None)
         except Exception as exc:  # a rule that cannot evaluate is a rule that rejects, as in the API server
             ok = False
             entry = {**entry, "message": f"{entry['message']} ({exc})"}
@@ -211,7 +251,7 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
     problems: list[Problem] = []
 
     def error(path: str, msg: str) -> None:
-        problems.append(Problem(path, msg))
+        problems.append(Problem(path, msg, beyond_crd=True))
 
     def warn(path: str, msg: str) -> None:
         problems.append(Problem(path, msg, "warning"))
@@ -310,6 +350,31 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
 # ---------------------------------------------------------------- whole objects
 
 
+def _as_created(meta: Any) -> dict[str, Any]:
+    """metadata as the rules see it: the API server turns generateName into a name (5 random characters added)."""
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    if not meta.get("name") and isinstance(meta.get("generateName"), str):
+        meta["name"] = meta["generateName"] + "x2b4z"
+    return meta
+
+
+def _name_problems(meta: Any) -> list[Problem]:
+    """metadata.name: required, and one every child object can be named after (the CRD's root rules say the same)."""
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if name is None:
+        if isinstance(meta, dict) and meta.get("generateName"):
+            return []
+        return [Problem("metadata.name", "is required: name or generateName")]
+    if not isinstance(name, str):
+        return [Problem("metadata.name", f"must be a string (got {name!r})")]
+    problems = []
+    if not re.match(DNS_1035_LABEL_PATTERN, name):
+        problems.append(Problem("metadata.name", NAME_FORMAT_MESSAGE))
+    if len(name) > MAX_NAME_LENGTH:
+        problems.append(Problem("metadata.name", NAME_LENGTH_MESSAGE))
+    return problems
+
+
 def validate_object(
     obj: Any, *, target: Target = "cluster", base_dir: Path | None = None, old: dict[str, Any] | None = None
 ) -> tuple[FineTuneJobSpec | None, list[Problem]]:
@@ -322,31 +387,29 @@ def validate_object(
     if obj.get("kind") != KIND:
         problems.append(Problem("kind", f"must be {KIND} (got {obj.get('kind')!r})"))
     meta = obj.get("metadata") or {}
-    name = meta.get("name") if isinstance(meta, dict) else None
-    if not name and not (isinstance(meta, dict) and meta.get("generateName")):
-        problems.append(Problem("metadata.name", "is required"))
-    elif name and (not DNS_SUBDOMAIN.match(name) or len(name) > MAX_NAME_LENGTH):
-        problems.append(
-            Problem(
-                "metadata.name",
-                f"'{name}' must be at most {MAX_NAME_LENGTH} lower-case letters, "
-                "digits and '-', starting and ending with a letter or digit "
-                "(child Jobs and pods are named after it)",
-            )
-        )
+    problems.extend(_name_problems(meta))
     raw_spec = obj.get("spec")
     if not isinstance(raw_spec, dict):
         problems.append(Problem("spec", "is required and must be a mapping"))
         return None, problems
+    raw_spec = as_decoded(raw_spec, _schema()["properties"]["spec"], "spec", problems)
     try:
-        spec = FineTuneJobSpec.model_validate(raw_spec)
+        # Strict, as the API server is: no 'yes' for a bool, no "2" for a number.
+        spec = FineTuneJobSpec.model_validate(raw_spec, strict=True)
     except ValidationError as err:
         return None, problems + _pydantic_problems(err)
+    if any(p.severity == "error" for p in problems):
+        return None, problems
 
-    defaulted = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": meta, "spec": spec.wire()}
+    defaulted = {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": _as_created(meta),
+        "spec": spec.wire(),
+    }
     if old is not None and "status" in old:
         defaulted["status"] = old["status"]
-    problems.extend(_cel_problems(_schema(), defaulted, "", old))
+    problems.extend(p for p in _cel_problems(_schema(), defaulted, "", old) if p not in problems)
     if not any(p.severity == "error" for p in problems):
         problems.extend(semantic_problems(spec, target, base_dir))
     ok = not any(p.severity == "error" for p in problems)
