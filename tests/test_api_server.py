@@ -284,15 +284,19 @@ def test_generated_manifests_get_the_same_verdict_from_both_judges(judge):
         for what, manifest in family:
             server, mine = judge.judge(manifest), validate_verdict(manifest)
             counts[_agree(what, manifest, server, mine)] += 1
+            counts["same fields"] += not server.accepted and server.fields == mine.fields
             kind = "generated" if what == "generated" else "mutated"
             verdicts[f"{kind} {'accepted' if server.accepted else 'refused'}"] += 1
 
     check()
-    total = sum(counts.values())
+    total = counts["agree"] + counts["validate-knows-more"]
+    refused = sum(v for k, v in verdicts.items() if "refused" in k)
     print(
         f"\n{counts['agree']} of {total} generated manifests got the same verdict from the API server and `validate`"
-        f" ({counts['validate-knows-more']} more refused by `validate` alone, by a rule beyond the CRD); "
+        f" ({counts['validate-knows-more']} more refused by `validate` alone, by a rule beyond the CRD); of the "
+        f"{refused} the server refused, both named the very same fields in {counts['same fields']}; "
         f"{dict(sorted(verdicts.items()))}; {time.monotonic() - started:.1f}s"
     )
     assert total >= 300
-    assert verdicts["generated accepted"] >= 20 and verdicts["mutated refused"] >= 150
+    # Enough of each verdict that the agreement means something (the numbers are deterministic: derandomize).
+    assert verdicts["generated accepted"] >= FAMILIES // 8 and verdicts["mutated refused"] >= FAMILIES

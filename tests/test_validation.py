@@ -296,7 +296,7 @@ INVALID = [
         "must not exceed maxBatchSize",
         "cel",
     ),
-    # semantic checks (no CRD can express them)
+    # semantic checks (no CRD can express them: they depend on where the job runs)
     (
         "local-path-on-cluster",
         spec(model={"source": "./model"}),
@@ -304,40 +304,41 @@ INVALID = [
         "only `finetune-operator run`",
         "semantic",
     ),
+    # rules across fields, checked by the CRD's CEL rules as well
     (
         "packing-preference",
         spec(dataset={**PREF, "packing": True}, training={"objective": "dpo"}),
         "spec.dataset.packing",
         "cannot be packed",
-        "semantic",
+        "cel",
     ),
     (
         "dpo-prompt-too-long",
         spec(dataset={**PREF, "maxSeqLength": 512}, training={"objective": "dpo", "dpo": {"maxPromptLength": 512}}),
         "spec.training.dpo.maxPromptLength",
         "less than spec.dataset.maxSeqLength",
-        "semantic",
+        "cel",
     ),
     (
         "grpo-completion-too-long",
         spec(dataset={"maxSeqLength": 64}, training={"objective": "grpo", "grpo": {"maxCompletionLength": 64}}),
         "spec.training.grpo.maxCompletionLength",
         "less than",
-        "semantic",
+        "cel",
     ),
     (
         "paged-adam-on-cpu",
         spec(training={"optimizer": "paged_adamw_8bit"}, resources={"gpusPerWorker": 0}),
         "spec.training.optimizer",
         "needs GPUs",
-        "semantic",
+        "cel",
     ),
     (
         "empty-column-name",
         spec(dataset={"columns": {"prompt": " "}}),
         "spec.dataset.columns.prompt",
-        "empty",
-        "semantic",
+        "must not be empty or blank",
+        "schema",
     ),
 ]
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .base import ApiModel, DnsLabel, Quantity, Uri, cel, rules
+from .base import NON_BLANK, ApiModel, DnsLabel, Quantity, Uri, cel, rules
 
 STAGES = ("prepare", "train", "evaluate", "export")
 Stage = Literal["prepare", "train", "evaluate", "export"]
@@ -111,6 +111,11 @@ class DatasetSpec(ApiModel):
             "preference: [prompt, chosen, rejected, system]",
             ".columns",
         ),
+        cel(
+            "!(self.packing && self.format == 'preference')",
+            "preference pairs cannot be packed: set spec.dataset.packing: false",
+            ".packing",
+        ),
     )
 
     source: Uri
@@ -118,8 +123,8 @@ class DatasetSpec(ApiModel):
     format: Literal["text", "completion", "chat", "preference"]
     """text: plain text; completion: prompt + completion (Alpaca); chat: a list of messages (OpenAI, ShareGPT);
     preference: prompt + chosen + rejected (DPO, reward models)."""
-    columns: Annotated[dict[str, Annotated[str, Field(max_length=256)]], Field(max_length=8)] = Field(
-        default_factory=dict
+    columns: Annotated[dict[str, Annotated[str, Field(max_length=256, pattern=NON_BLANK)]], Field(max_length=8)] = (
+        Field(default_factory=dict)
     )
     """Role -> column name, e.g. {prompt: instruction, input: input, completion: output} for Alpaca or
     {messages: conversations, role: from, content: value} for ShareGPT. Roles not given use the role's own name."""
@@ -661,6 +666,25 @@ class FineTuneJobSpec(ApiModel):
             "!(has(self.distributed) && self.distributed.strategy == 'fsdp' && self.method.type == 'qlora')",
             "FSDP with QLoRA is not supported: use spec.distributed.strategy: ddp",
             ".distributed.strategy",
+        ),
+        cel(
+            "!has(self.training.dpo) || !has(self.training.dpo.maxPromptLength) "
+            "|| self.training.dpo.maxPromptLength < self.dataset.maxSeqLength",
+            "spec.training.dpo.maxPromptLength must be less than spec.dataset.maxSeqLength, to leave room for the "
+            "responses",
+            ".training.dpo.maxPromptLength",
+        ),
+        cel(
+            "!has(self.training.grpo) || self.training.grpo.maxCompletionLength < self.dataset.maxSeqLength",
+            "spec.training.grpo.maxCompletionLength must be less than spec.dataset.maxSeqLength, to leave room for "
+            "the prompt",
+            ".training.grpo.maxCompletionLength",
+        ),
+        cel(
+            "self.training.optimizer != 'paged_adamw_8bit' || self.resources.gpusPerWorker >= 1",
+            "optimizer paged_adamw_8bit needs GPUs: use adamw_torch on CPU workers, or set "
+            "spec.resources.gpusPerWorker",
+            ".training.optimizer",
         ),
         cel(
             "self.resources.workers == 1 || (has(self.storage) && has(self.storage.workspace) && "

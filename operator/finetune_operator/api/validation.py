@@ -20,7 +20,7 @@ import celpy
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .base import API_VERSION, KIND, URI_PATTERN
+from .base import API_VERSION, KIND, NON_BLANK, URI_PATTERN
 from .crd import open_api_schema
 from .names import DNS_1035_LABEL_PATTERN, MAX_NAME_LENGTH, NAME_FORMAT_MESSAGE, NAME_LENGTH_MESSAGE
 from .spec import FineTuneJobSpec
@@ -97,6 +97,8 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
                 f"'{got}' is not a location this operator reads: use hf://org/name, s3://bucket/path, "
                 "gs://bucket/path, pvc://CLAIM/path, or file:///abs/path or a ./relative path (local mode)"
             )
+        elif kind == "string_pattern_mismatch" and e.get("ctx", {}).get("pattern") == NON_BLANK:
+            msg = "must not be empty or blank"
         elif kind == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
             msg = f"must be one of {expected} (got {got!r})"
@@ -291,8 +293,6 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
         warn("spec.model.trustRemoteCode", "runs Python code shipped with the model inside your pods")
 
     ds = spec.dataset
-    if ds.packing and ds.format == "preference":
-        error("spec.dataset.packing", "preference pairs cannot be packed: set packing: false")
     if ds.format == "chat" and "messages" not in ds.columns and ds.columns.keys() & {"role", "content"}:
         warn("spec.dataset.columns", "role/content mapped but not messages: the column 'messages' is assumed")
     if ds.cleaning.max_tokens and ds.cleaning.max_tokens > ds.max_seq_length:
@@ -301,23 +301,8 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
             f"rows between maxSeqLength ({ds.max_seq_length}) and "
             f"maxTokens ({ds.cleaning.max_tokens}) are kept but truncated",
         )
-    for role, column in ds.columns.items():
-        if not column.strip():
-            error(f"spec.dataset.columns.{role}", "column name is empty")
 
     tr = spec.training
-    if tr.dpo and tr.dpo.max_prompt_length and tr.dpo.max_prompt_length >= ds.max_seq_length:
-        error(
-            "spec.training.dpo.maxPromptLength",
-            f"must be less than spec.dataset.maxSeqLength ({ds.max_seq_length}) to leave room for the responses",
-        )
-    if tr.grpo and tr.grpo.max_completion_length >= ds.max_seq_length:
-        error(
-            "spec.training.grpo.maxCompletionLength",
-            f"must be less than spec.dataset.maxSeqLength ({ds.max_seq_length}) to leave room for the prompt",
-        )
-    if tr.optimizer == "paged_adamw_8bit" and spec.resources.gpus_per_worker == 0:
-        error("spec.training.optimizer", "paged_adamw_8bit needs GPUs: use adamw_torch on CPU workers")
     quant = spec.method.quantization
     if quant and tr.precision == "fp16" and quant.compute_dtype == "bfloat16":
         warn("spec.method.quantization.computeDtype", "bfloat16 compute with fp16 training: set one dtype")
