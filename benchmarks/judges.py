@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def main() -> int:
         subprocess.run(["bash", str(script_dir / "start.sh"), tmp], check=True, capture_output=True)
         try:
             env = dict(line.split("=", 1) for line in (Path(tmp) / "env").read_text().split() if "=" in line)
-            kubectl_env = {"KUBECONFIG": env["KUBECONFIG"], "PATH": "/usr/bin:/bin"}
+            kubectl_env = {**os.environ, "KUBECONFIG": env["KUBECONFIG"]}
 
             def kubectl(*argv: str, **kwargs: Any) -> subprocess.CompletedProcess:
                 return subprocess.run(["kubectl", *argv], env=kubectl_env, capture_output=True, text=True, **kwargs)
