@@ -9,6 +9,7 @@ knowledge of where the job will run (cluster or local mode) come last.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -79,6 +80,32 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return [f.alias or n for n, f in current.model_fields.items()]
 
 
+# Types are strict, as on the API server: YAML's quotes decide (trustRemoteCode: "true" is a string).
+TYPE_ERRORS = {
+    "bool_type": "must be true or false",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "model_type": "must be a mapping of fields",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+}
+
+
+def _type_message(kind: str, got: Any) -> str:
+    shown = json.dumps(got, default=str)
+    kinds = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "mapping"}
+    msg = f"{TYPE_ERRORS[kind]} (got {shown}, a {'null' if got is None else kinds.get(type(got), 'value')})"
+    if isinstance(got, str) and kind == "bool_type":
+        msg += ": write true or false, without quotes"
+    elif isinstance(got, str) and kind in ("int_type", "float_type"):
+        msg += ": write it without quotes"
+    elif kind == "string_type" and isinstance(got, bool | int | float):
+        msg += ": put it in quotes"
+    return msg
+
+
 def _pydantic_problems(err: ValidationError) -> list[Problem]:
     problems = []
     for e in err.errors():
@@ -102,6 +129,8 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
         elif kind == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
             msg = f"must be one of {expected} (got {got!r})"
+        elif kind in TYPE_ERRORS:
+            msg = _type_message(kind, got)
         else:
             text = e["msg"][0].lower() + e["msg"][1:]
             text = text.removeprefix("input ").removeprefix("value error, ")
