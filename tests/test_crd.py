@@ -1,21 +1,19 @@
-"""The CRD is generated from the models, is a valid structural apiextensions/v1 object, and agrees with them."""
+"""The CRD is generated from the models, committed up to date, structural and described.
+
+Whether the API server accepts it, defaults like the models and judges manifests like `validate` is tested on the
+real server in test_api_server.py."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import celpy
-import jsonschema
-import kubernetes_validate
-import pytest
 import yaml
 
 from finetune_operator.api.crd import CRD_FILE, build_crd, open_api_schema, render_crd
-from finetune_operator.api.spec import FineTuneJobSpec
 from finetune_operator.cli import main
-
-from .conftest import MINIMAL_JOB
 
 
 def _nodes(node: dict[str, Any], path: str = ""):
@@ -33,10 +31,6 @@ def test_committed_crd_matches_the_models():
     assert main(["crd", "--check"]) == 0
 
 
-def test_crd_is_a_valid_apiextensions_object():
-    kubernetes_validate.validate(build_crd(), "1.34.0", strict=True)
-
-
 def test_schema_is_structural_and_described():
     schema = open_api_schema()
     text = json.dumps(schema)
@@ -44,7 +38,8 @@ def test_schema_is_structural_and_described():
         assert forbidden not in text
     for path, node in _nodes(schema):
         assert "type" in node, f"{path} has no type"
-        if path and not path.endswith(("[]", "{}")):
+        # metadata may hold no description in a CRD (kubectl explain shows ObjectMeta's own).
+        if path and not path.endswith(("[]", "{}")) and not path.startswith(".metadata"):
             assert node.get("description"), f"{path} has no description (kubectl explain reads it)"
         if node["type"] == "object":
             assert (
@@ -81,42 +76,12 @@ def test_printer_columns_use_condition_filters_not_positions():
     assert names["shortNames"] == ["ftj"] and names["categories"] == ["ml", "finetune"]
 
 
-def _apply_defaults(schema: dict[str, Any], value: Any) -> Any:
-    """Structural defaulting as the API server does it: fill absent fields, then recurse (defaults too)."""
-    if schema.get("type") == "object" and isinstance(value, dict):
-        out = dict(value)
-        for key, sub in schema.get("properties", {}).items():
-            if key not in out and "default" in sub:
-                out[key] = json.loads(json.dumps(sub["default"]))
-            if key in out:
-                out[key] = _apply_defaults(sub, out[key])
-        return out
-    if schema.get("type") == "array" and isinstance(value, list):
-        return [_apply_defaults(schema["items"], v) for v in value]
-    return value
-
-
-@pytest.mark.parametrize(
-    "extra",
-    [
-        {},
-        {"method": {"type": "qlora", "quantization": {}}},
-        {"evaluation": {"gates": [{"metric": "perplexity", "max": 9}]}},
-    ],
-)
-def test_crd_defaults_equal_the_models_defaults(extra):
-    raw = {**MINIMAL_JOB["spec"], **extra}
-    server_side = _apply_defaults(open_api_schema()["properties"]["spec"], raw)
-    assert server_side == FineTuneJobSpec.model_validate(raw).wire()
-
-
-def test_instances_validate_against_the_crd_schema():
-    schema = open_api_schema()
-    jsonschema.Draft4Validator(schema).validate(MINIMAL_JOB)
-    bad = json.loads(json.dumps(MINIMAL_JOB))
-    bad["spec"]["method"] = {"type": "lowrank"}
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.Draft4Validator(schema).validate(bad)
+def test_patterns_mean_the_same_to_the_api_server_and_to_validate():
+    # RE2 (the API server) reads \s \S \d \D \w \W \b as ASCII classes, the Rust regex of pydantic as Unicode ones:
+    # a pattern using them lets the two judges disagree (e.g. on a no-break space). Spell the class out.
+    for path, node in _nodes(open_api_schema()):
+        pattern = node.get("pattern", "")
+        assert not re.search(r"\\[sSdDwWb]", pattern), f"{path}: {pattern}"
 
 
 def test_crd_yaml_round_trips():

@@ -2,7 +2,8 @@
 
 Pydantic emits JSON Schema (draft 2020-12) with $refs and `anyOf [X, null]` for optionals; Kubernetes wants a
 structural OpenAPI v3.0 schema: everything inlined, a type on every node, no nullables, `exclusiveMinimum` as a
-boolean, objects defaulted to `{}` so that the API server applies the nested defaults.
+boolean, and every default the models have written out in full, so that the API server defaults a sparse manifest
+to exactly what the models do.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import yaml
 from pydantic import BaseModel
 
 from .base import API_VERSION, CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, cel
+from .names import name_rules
 from .spec import FineTuneJobSpec
 from .status import ACTIVE_PHASES, FineTuneJobStatus
 
 CRD_FILE = Path(__file__).resolve().parents[3] / "crds" / f"{GROUP}_{PLURAL}.yaml"
 # Helm installs a chart's crds/ folder before its templates; it carries the same files as crds/.
 CHART_CRD_FILE = CRD_FILE.parents[1] / "charts" / "finetune-operator" / "crds" / CRD_FILE.name
-MAX_NAME_LENGTH = 50
 
 # Fields a running stage depends on. Changing them mid-run would leave the run half old, half new.
 IMMUTABLE_WHILE_RUNNING = ("model", "dataset", "method", "training", "distributed")
@@ -42,7 +43,8 @@ def _immutable_while_running_rule() -> dict:
     )
 
 
-ROOT_RULES = [_immutable_while_running_rule()]
+# metadata may carry no schema in a CRD: rules on the root are the one place to check metadata.name.
+ROOT_RULES = [*name_rules(), _immutable_while_running_rule()]
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Phase of the run"},
@@ -136,20 +138,41 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _add_factory_defaults(node: dict[str, Any], model: type[BaseModel]) -> None:
-    """Pydantic leaves `default_factory` values out of the schema; Kubernetes needs them to default."""
+def _wire_default(value: Any) -> Any:
+    """A default as it is written on the wire: nested models in full (camelCase, unset optionals left out)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if isinstance(value, list | tuple):
+        return [_wire_default(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _wire_default(v) for k, v in value.items()}
+    return value
+
+
+def _add_model_defaults(node: dict[str, Any], model: type[BaseModel]) -> None:
+    """Every default the models have, written out in full.
+
+    Pydantic leaves `default_factory` values out of the schema. An object default must be written out whole: the
+    API server checks each default against the CEL rules of its node *without* applying the nested defaults first,
+    so `default: {}` fails any rule that reads a key (and would differ from what the models default to).
+    """
     props = node.get("properties", {})
     for name, field in model.model_fields.items():
         prop = props.get(field.alias or name)
         if prop is None:
             continue
-        if field.default_factory is not None:
-            value = field.default_factory()  # type: ignore[call-arg]
-            prop["default"] = {} if isinstance(value, BaseModel) else value
+        if not field.is_required():
+            value = _wire_default(field.get_default(call_default_factory=True))
+            if value is None:
+                prop.pop("default", None)
+            else:
+                prop["default"] = value
         nested = _model_in(field.annotation)
         if nested is not None:
             target = prop["items"] if prop.get("type") == "array" else prop
-            _add_factory_defaults(target, nested)
+            if isinstance(target.get("additionalProperties"), dict):
+                target = target["additionalProperties"]
+            _add_model_defaults(target, nested)
 
 
 def _strip_defaults(node: Any) -> Any:
@@ -165,7 +188,7 @@ def model_schema(model: type[BaseModel], *, defaults: bool = True) -> dict[str, 
     resolved = _resolve({k: v for k, v in raw.items() if k != "$defs"}, raw.get("$defs", {}))
     schema = _structural(resolved)
     if defaults:
-        _add_factory_defaults(schema, model)
+        _add_model_defaults(schema, model)
         return schema
     return _strip_defaults(schema)
 
@@ -179,17 +202,9 @@ def open_api_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "finetune.dev/v1alpha1"},
             "kind": {"type": "string", "description": "FineTuneJob"},
-            "metadata": {
-                "type": "object",
-                "description": "Standard object metadata.",
-                "properties": {
-                    "name": {
-                        "type": "string",
-                        "maxLength": MAX_NAME_LENGTH,
-                        "description": f"At most {MAX_NAME_LENGTH} characters: child Jobs and pods are named after it.",
-                    }
-                },
-            },
+            # The API server allows no more here than the types of name and generateName (kubectl explain shows
+            # ObjectMeta's own descriptions). The name's rules are CEL rules on the root: see names.py.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": model_schema(FineTuneJobSpec),
             # The operator writes status; defaults there would only hide what it did not write.
             "status": model_schema(FineTuneJobStatus, defaults=False),

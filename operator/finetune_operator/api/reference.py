@@ -43,12 +43,12 @@ def _rows(node: dict[str, Any], path: str, required: set[str]) -> list[str]:
     rows = []
     for key, child in node.get("properties", {}).items():
         where = f"{path}.{key}"
-        default = json.dumps(child["default"]) if "default" in child else ""
+        default = f"`{json.dumps(child['default'])}`" if "default" in child else ""
+        if isinstance(child.get("default"), dict) and "properties" in child:
+            default = "its fields' defaults"  # written out whole in the CRD; the rows below give each one
         req = "yes" if key in required else ""
         desc = child.get("description", "").replace("|", "\\|")
-        rows.append(
-            f"| `{where}` | {_type(child)} | {req} | {default and f'`{default}`'} | {_limits(child)} | {desc} |"
-        )
+        rows.append(f"| `{where}` | {_type(child)} | {req} | {default} | {_limits(child)} | {desc} |")
         target = child["items"] if child["type"] == "array" and "properties" in child.get("items", {}) else child
         rows += _rows(target, where + ("[]" if target is not child else ""), set(target.get("required", [])))
     return rows

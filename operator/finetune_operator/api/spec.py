@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .base import ApiModel, DnsLabel, Quantity, Uri, cel, rules
+from .base import NON_BLANK, ApiModel, DnsLabel, Quantity, Uri, cel, rules
 
 STAGES = ("prepare", "train", "evaluate", "export")
 Stage = Literal["prepare", "train", "evaluate", "export"]
@@ -111,6 +111,11 @@ class DatasetSpec(ApiModel):
             "preference: [prompt, chosen, rejected, system]",
             ".columns",
         ),
+        cel(
+            "!(self.packing && self.format == 'preference')",
+            "preference pairs cannot be packed: set spec.dataset.packing: false",
+            ".packing",
+        ),
     )
 
     source: Uri
@@ -118,8 +123,8 @@ class DatasetSpec(ApiModel):
     format: Literal["text", "completion", "chat", "preference"]
     """text: plain text; completion: prompt + completion (Alpaca); chat: a list of messages (OpenAI, ShareGPT);
     preference: prompt + chosen + rejected (DPO, reward models)."""
-    columns: Annotated[dict[str, Annotated[str, Field(max_length=256)]], Field(max_length=8)] = Field(
-        default_factory=dict
+    columns: Annotated[dict[str, Annotated[str, Field(max_length=256, pattern=NON_BLANK)]], Field(max_length=8)] = (
+        Field(default_factory=dict)
     )
     """Role -> column name, e.g. {prompt: instruction, input: input, completion: output} for Alpaca or
     {messages: conversations, role: from, content: value} for ShareGPT. Roles not given use the role's own name."""
@@ -258,8 +263,8 @@ class TrainingSpec(ApiModel):
 
     model_config = rules(
         cel(
-            "has(self.epochs) != has(self.maxSteps)",
-            "set exactly one of spec.training.epochs or spec.training.maxSteps",
+            "!(has(self.epochs) && has(self.maxSteps))",
+            "set at most one of spec.training.epochs or spec.training.maxSteps (neither: one epoch)",
             ".epochs",
         ),
         cel(
@@ -289,9 +294,9 @@ class TrainingSpec(ApiModel):
     """sft: supervised fine-tuning; dpo: preference optimisation; reward: train a reward model on preference
     pairs; grpo: reinforcement learning with a reward function."""
     epochs: Annotated[float, Field(gt=0, le=1000)] | None = None
-    """Passes over the training data (fractions allowed). Exactly one of epochs and maxSteps."""
+    """Passes over the training data (fractions allowed). At most one of epochs and maxSteps; neither: 1 epoch."""
     max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
-    """Optimizer steps to run. Exactly one of epochs and maxSteps."""
+    """Optimizer steps to run (instead of epochs). At most one of epochs and maxSteps."""
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
     """Peak learning rate."""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
@@ -663,6 +668,25 @@ class FineTuneJobSpec(ApiModel):
             ".distributed.strategy",
         ),
         cel(
+            "!has(self.training.dpo) || !has(self.training.dpo.maxPromptLength) "
+            "|| self.training.dpo.maxPromptLength < self.dataset.maxSeqLength",
+            "spec.training.dpo.maxPromptLength must be less than spec.dataset.maxSeqLength, to leave room for the "
+            "responses",
+            ".training.dpo.maxPromptLength",
+        ),
+        cel(
+            "!has(self.training.grpo) || self.training.grpo.maxCompletionLength < self.dataset.maxSeqLength",
+            "spec.training.grpo.maxCompletionLength must be less than spec.dataset.maxSeqLength, to leave room for "
+            "the prompt",
+            ".training.grpo.maxCompletionLength",
+        ),
+        cel(
+            "self.training.optimizer != 'paged_adamw_8bit' || self.resources.gpusPerWorker >= 1",
+            "optimizer paged_adamw_8bit needs GPUs: use adamw_torch on CPU workers, or set "
+            "spec.resources.gpusPerWorker",
+            ".training.optimizer",
+        ),
+        cel(
             "self.resources.workers == 1 || (has(self.storage) && has(self.storage.workspace) && "
             "(has(self.storage.workspace.claimName) || 'ReadWriteMany' in self.storage.workspace.accessModes))",
             "workers > 1 share one workspace across nodes: set spec.storage.workspace.claimName to a "
@@ -677,8 +701,8 @@ class FineTuneJobSpec(ApiModel):
     """The training (and evaluation) data."""
     method: MethodSpec = Field(default_factory=MethodSpec)
     """LoRA, QLoRA or full fine-tuning."""
-    training: TrainingSpec
-    """Objective and hyper-parameters."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Objective and hyper-parameters (default: sft for one epoch)."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Workers, GPUs and per-stage CPU/memory."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)

@@ -9,6 +9,7 @@ knowledge of where the job will run (cluster or local mode) come last.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,12 +21,12 @@ import celpy
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .base import API_VERSION, KIND, URI_PATTERN
-from .crd import MAX_NAME_LENGTH, open_api_schema
+from .base import API_VERSION, KIND, NON_BLANK, URI_PATTERN
+from .crd import open_api_schema
+from .names import DNS_1035_LABEL_PATTERN, MAX_NAME_LENGTH, NAME_FORMAT_MESSAGE, NAME_LENGTH_MESSAGE
 from .spec import FineTuneJobSpec
 
 Target = Literal["cluster", "local"]
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 LOCAL_SCHEMES = ("file://", "/", "./", "../")
 
 
@@ -36,6 +37,8 @@ class Problem:
     path: str
     message: str
     severity: Literal["error", "warning"] = "error"
+    beyond_crd: bool = False
+    """A rule the API server cannot check (files, where the job runs, lengths across fields): see the README."""
 
     def format(self, source: str = "") -> str:
         prefix = f"{source}: " if source else ""
@@ -77,6 +80,32 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return [f.alias or n for n, f in current.model_fields.items()]
 
 
+# Types are strict, as on the API server: YAML's quotes decide (trustRemoteCode: "true" is a string).
+TYPE_ERRORS = {
+    "bool_type": "must be true or false",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "model_type": "must be a mapping of fields",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+}
+
+
+def _type_message(kind: str, got: Any) -> str:
+    shown = json.dumps(got, default=str)
+    kinds = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "mapping"}
+    msg = f"{TYPE_ERRORS[kind]} (got {shown}, a {'null' if got is None else kinds.get(type(got), 'value')})"
+    if isinstance(got, str) and kind == "bool_type":
+        msg += ": write true or false, without quotes"
+    elif isinstance(got, str) and kind in ("int_type", "float_type"):
+        msg += ": write it without quotes"
+    elif kind == "string_type" and isinstance(got, bool | int | float):
+        msg += ": put it in quotes"
+    return msg
+
+
 def _pydantic_problems(err: ValidationError) -> list[Problem]:
     problems = []
     for e in err.errors():
@@ -95,15 +124,52 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
                 f"'{got}' is not a location this operator reads: use hf://org/name, s3://bucket/path, "
                 "gs://bucket/path, pvc://CLAIM/path, or file:///abs/path or a ./relative path (local mode)"
             )
+        elif kind == "string_pattern_mismatch" and e.get("ctx", {}).get("pattern") == NON_BLANK:
+            msg = "must not be empty or blank"
         elif kind == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
             msg = f"must be one of {expected} (got {got!r})"
+        elif kind in TYPE_ERRORS:
+            msg = _type_message(kind, got)
         else:
             text = e["msg"][0].lower() + e["msg"][1:]
             text = text.removeprefix("input ").removeprefix("value error, ")
             msg = f"{text} (got {got!r})" if not isinstance(got, dict | list) else text
         problems.append(Problem(_path(loc), msg))
     return problems
+
+
+# ---------------------------------------------------------------- what the API server does before validating
+
+
+def as_decoded(value: Any, schema: dict[str, Any], path: str, problems: list[Problem]) -> Any:
+    """`value` as the API server reads it against the CRD schema, before its validation proper.
+
+    A null field that is not nullable is dropped (its default, if any, applies); a whole number written as a
+    float (`2.0`) is an integer; and a list of `x-kubernetes-list-type: set` must not repeat an entry (a
+    problem is added to `problems`).
+    """
+    kind = schema.get("type")
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind == "object" and isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else None
+        out = {}
+        for key, child in value.items():
+            sub = props.get(key, extra)
+            if child is None and sub is not None and not sub.get("nullable"):
+                continue
+            out[key] = as_decoded(child, sub, f"{path}.{key}", problems) if sub is not None else child
+        return out
+    if kind == "array" and isinstance(value, list):
+        items = [as_decoded(v, schema.get("items", {}), f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        if schema.get("x-kubernetes-list-type") == "set":
+            for i, item in enumerate(items):
+                if item in items[:i]:
+                    problems.append(Problem(f"{path}[{i}]", f"duplicate value {item!r}: list each entry once"))
+        return items
+    return value
 
 
 # ---------------------------------------------------------------- CRD CEL rules (cel-python)
@@ -136,9 +202,12 @@ def _to_cel(value: Any, schema: dict[str, Any]) -> Any:
 
 def evaluate_rule(rule: str, self_value: Any, old_value: Any = None) -> bool:
     """Evaluate one CEL rule the way the API server would (`oldSelf` only on update)."""
-    activation = {"self": celpy.json_to_cel(self_value)}
-    if old_value is not None:
-        activation["oldSelf"] = celpy.json_to_cel(old_value)
+    old = celpy.json_to_cel(old_value) if old_value is not None else None
+    return _evaluate(rule, celpy.json_to_cel(self_value), old)
+
+
+def _evaluate(rule: str, self_cel: Any, old_cel: Any = None) -> bool:
+    activation = {"self": self_cel} if old_cel is None else {"self": self_cel, "oldSelf": old_cel}
     result = _program(rule).evaluate(activation)
     if isinstance(result, Exception):
         raise result
@@ -148,14 +217,16 @@ def evaluate_rule(rule: str, self_value: Any, old_value: Any = None) -> bool:
 def _cel_problems(schema: dict[str, Any], value: Any, path: str, old: Any = None) -> Iterator[Problem]:
     if value is None:
         return
-    for entry in schema.get("x-kubernetes-validations", []):
+    entries = schema.get("x-kubernetes-validations", [])
+    # Converted once per node: the conversion costs as much as evaluating the rule.
+    self_cel = celpy.json_to_cel(_to_cel(value, schema)) if entries else None
+    old_cel = celpy.json_to_cel(_to_cel(old, schema)) if entries and old is not None else None
+    for entry in entries:
         is_transition = "oldSelf" in entry["rule"]
-        if is_transition and old is None:
+        if is_transition and old_cel is None:
             continue
-        typed = _to_cel(value, schema)
-        typed_old = _to_cel(old, schema) if is_transition else None
         try:
-            ok = evaluate_rule(entry["rule"], typed, typed_old)
+            ok = _evaluate(entry["rule"], self_cel, old_cel if is_transition else None)
         except Exception as exc:  # a rule that cannot evaluate is a rule that rejects, as in the API server
             ok = False
             entry = {**entry, "message": f"{entry['message']} ({exc})"}
@@ -211,7 +282,7 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
     problems: list[Problem] = []
 
     def error(path: str, msg: str) -> None:
-        problems.append(Problem(path, msg))
+        problems.append(Problem(path, msg, beyond_crd=True))
 
     def warn(path: str, msg: str) -> None:
         problems.append(Problem(path, msg, "warning"))
@@ -251,8 +322,6 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
         warn("spec.model.trustRemoteCode", "runs Python code shipped with the model inside your pods")
 
     ds = spec.dataset
-    if ds.packing and ds.format == "preference":
-        error("spec.dataset.packing", "preference pairs cannot be packed: set packing: false")
     if ds.format == "chat" and "messages" not in ds.columns and ds.columns.keys() & {"role", "content"}:
         warn("spec.dataset.columns", "role/content mapped but not messages: the column 'messages' is assumed")
     if ds.cleaning.max_tokens and ds.cleaning.max_tokens > ds.max_seq_length:
@@ -261,23 +330,8 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
             f"rows between maxSeqLength ({ds.max_seq_length}) and "
             f"maxTokens ({ds.cleaning.max_tokens}) are kept but truncated",
         )
-    for role, column in ds.columns.items():
-        if not column.strip():
-            error(f"spec.dataset.columns.{role}", "column name is empty")
 
     tr = spec.training
-    if tr.dpo and tr.dpo.max_prompt_length and tr.dpo.max_prompt_length >= ds.max_seq_length:
-        error(
-            "spec.training.dpo.maxPromptLength",
-            f"must be less than spec.dataset.maxSeqLength ({ds.max_seq_length}) to leave room for the responses",
-        )
-    if tr.grpo and tr.grpo.max_completion_length >= ds.max_seq_length:
-        error(
-            "spec.training.grpo.maxCompletionLength",
-            f"must be less than spec.dataset.maxSeqLength ({ds.max_seq_length}) to leave room for the prompt",
-        )
-    if tr.optimizer == "paged_adamw_8bit" and spec.resources.gpus_per_worker == 0:
-        error("spec.training.optimizer", "paged_adamw_8bit needs GPUs: use adamw_torch on CPU workers")
     quant = spec.method.quantization
     if quant and tr.precision == "fp16" and quant.compute_dtype == "bfloat16":
         warn("spec.method.quantization.computeDtype", "bfloat16 compute with fp16 training: set one dtype")
@@ -310,6 +364,31 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
 # ---------------------------------------------------------------- whole objects
 
 
+def _as_created(meta: Any) -> dict[str, Any]:
+    """metadata as the rules see it: the API server turns generateName into a name (5 random characters added)."""
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    if not meta.get("name") and isinstance(meta.get("generateName"), str):
+        meta["name"] = meta["generateName"] + "x2b4z"
+    return meta
+
+
+def _name_problems(meta: Any) -> list[Problem]:
+    """metadata.name: required, and one every child object can be named after (the CRD's root rules say the same)."""
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if name is None:
+        if isinstance(meta, dict) and meta.get("generateName"):
+            return []
+        return [Problem("metadata.name", "is required: name or generateName")]
+    if not isinstance(name, str):
+        return [Problem("metadata.name", f"must be a string (got {name!r})")]
+    problems = []
+    if not re.match(DNS_1035_LABEL_PATTERN, name):
+        problems.append(Problem("metadata.name", NAME_FORMAT_MESSAGE))
+    if len(name) > MAX_NAME_LENGTH:
+        problems.append(Problem("metadata.name", NAME_LENGTH_MESSAGE))
+    return problems
+
+
 def validate_object(
     obj: Any, *, target: Target = "cluster", base_dir: Path | None = None, old: dict[str, Any] | None = None
 ) -> tuple[FineTuneJobSpec | None, list[Problem]]:
@@ -322,31 +401,29 @@ def validate_object(
     if obj.get("kind") != KIND:
         problems.append(Problem("kind", f"must be {KIND} (got {obj.get('kind')!r})"))
     meta = obj.get("metadata") or {}
-    name = meta.get("name") if isinstance(meta, dict) else None
-    if not name and not (isinstance(meta, dict) and meta.get("generateName")):
-        problems.append(Problem("metadata.name", "is required"))
-    elif name and (not DNS_SUBDOMAIN.match(name) or len(name) > MAX_NAME_LENGTH):
-        problems.append(
-            Problem(
-                "metadata.name",
-                f"'{name}' must be at most {MAX_NAME_LENGTH} lower-case letters, "
-                "digits and '-', starting and ending with a letter or digit "
-                "(child Jobs and pods are named after it)",
-            )
-        )
+    problems.extend(_name_problems(meta))
     raw_spec = obj.get("spec")
     if not isinstance(raw_spec, dict):
         problems.append(Problem("spec", "is required and must be a mapping"))
         return None, problems
+    raw_spec = as_decoded(raw_spec, _schema()["properties"]["spec"], "spec", problems)
     try:
-        spec = FineTuneJobSpec.model_validate(raw_spec)
+        # Strict, as the API server is: no 'yes' for a bool, no "2" for a number.
+        spec = FineTuneJobSpec.model_validate(raw_spec, strict=True)
     except ValidationError as err:
         return None, problems + _pydantic_problems(err)
+    if any(p.severity == "error" for p in problems):
+        return None, problems
 
-    defaulted = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": meta, "spec": spec.wire()}
+    defaulted = {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": _as_created(meta),
+        "spec": spec.wire(),
+    }
     if old is not None and "status" in old:
         defaulted["status"] = old["status"]
-    problems.extend(_cel_problems(_schema(), defaulted, "", old))
+    problems.extend(p for p in _cel_problems(_schema(), defaulted, "", old) if p not in problems)
     if not any(p.severity == "error" for p in problems):
         problems.extend(semantic_problems(spec, target, base_dir))
     ok = not any(p.severity == "error" for p in problems)
