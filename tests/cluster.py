@@ -926,8 +926,9 @@ class FaultProxy:
                           "code": fault.status}  # fmt: skip
                 return web.json_response(status, status=fault.status)
             headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+            # As sent: a body without Content-Type (the kubernetes client's creates) must not become octet-stream.
             async with session.request(request.method, self.upstream.server + request.path_qs, data=body or None,
-                                       headers=headers) as upstream:  # fmt: skip
+                                       headers=headers, skip_auto_headers=("Content-Type",)) as upstream:  # fmt: skip
                 self._record(request, upstream.status, agent, parsed, injected=False)
                 response = web.StreamResponse(status=upstream.status)
                 for key, value in upstream.headers.items():
