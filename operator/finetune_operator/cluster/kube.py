@@ -121,7 +121,11 @@ def check_reachable(configuration: client.Configuration, timeout: float = 10) ->
         info = client.VersionApi(api).get_code(_request_timeout=timeout)
         return str(info.git_version)
     except ApiException as exc:
-        raise KubeConfigError(f"the API server at {configuration.host} refused: {_describe(exc)}") from None
+        if exc.status not in (401, 403):
+            return "unknown"  # it answered: reachable (not every server serves /version)
+        raise KubeConfigError(
+            f"the API server at {configuration.host} refused the credentials: {_describe(exc)}"
+        ) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise KubeConfigError(f"the API server at {configuration.host} cannot be reached: {_describe(exc)}") from None
     finally:
