@@ -71,6 +71,7 @@ LOG_LINES_PUBLISHED = 300
 TERMINATION_LIMIT = 4096
 FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
 KILL_GRACE_SECONDS = 5.0
+RETRIES = 5
 
 GROUPS = {
     "pods": "/api/v1",
@@ -143,7 +144,12 @@ class Rest:
                 **query: Any) -> Any:  # fmt: skip
         url = self.server + path + ("?" + urllib.parse.urlencode(query) if query else "")
         data = json.dumps(body).encode() if body is not None else None
-        response = self.http.request(method, url, body=data, headers={"Content-Type": content_type})
+        for attempt in range(RETRIES + 1):
+            response = self.http.request(method, url, body=data, headers={"Content-Type": content_type})
+            # A controller retries what the server says is passing (429 "storage is (re)initializing", 5xx).
+            if response.status not in (429, 500, 503, 504) or attempt == RETRIES:
+                break
+            time.sleep(0.2 * 2**attempt)
         text = response.data.decode()
         if response.status >= 400:
             raise ApiError(response.status, text)
@@ -934,8 +940,8 @@ class FaultProxy:
                 for key, value in upstream.headers.items():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
                         response.headers[key] = value
-                await response.prepare(request)
                 with contextlib.suppress(ConnectionError):  # the client went away (a watch of a killed operator)
+                    await response.prepare(request)
                     async for chunk in upstream.content.iter_any():
                         await response.write(chunk)
                     await response.write_eof()
