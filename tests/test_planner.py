@@ -216,6 +216,7 @@ def test_a_spec_change_after_completion_starts_a_new_run():
     assert step(job, {}, other_runs=True).delete_other_runs  # keeps asking until they are gone
     result = step(job, {})
     assert result.start == "prepare" and result.status.run == 2 and result.status.observed_generation == 2
+    assert [e.message for e in result.events] == ["run 2: prepare started (demo-prepare)"]  # not run 1's words
 
 
 def test_an_allowed_change_while_running_applies_to_the_next_stage():

@@ -74,6 +74,10 @@ class State:
     gone: set[str] = field(default_factory=set)
     """uids of FineTuneJobs seen deleted: nothing is created for them any more."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    logs: dict[Key, tuple[str, str]] = field(default_factory=dict)
+    """The last train log tail read per job: (pod, tail). Reads run beside reconciles, never inside them."""
+    reading: set[Key] = field(default_factory=set)
+    read_at: dict[Key, float] = field(default_factory=dict)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -195,6 +199,8 @@ def forget(memo: kopf.Memo, key: Key, uid: str | None) -> None:
     memo.written.pop(key, None)
     state.failures.pop(key, None)
     state.due.pop(key, None)
+    state.logs.pop(key, None)
+    state.read_at.pop(key, None)
     retry = state.retries.pop(key, None)
     if retry:
         retry.cancel()
@@ -320,8 +326,8 @@ async def _report(key: Key, memo: kopf.Memo, error: str) -> bool:
     return True
 
 
-def _train_log(api: KubeApi, job: FineTuneJob, pods: list[dict[str, Any]]) -> dict[str, str]:
-    """The log tail of worker 0 of the current run's train stage, when it is running."""
+def _train_pod(job: FineTuneJob, pods: list[dict[str, Any]]) -> str | None:
+    """Worker 0 of the current run's train stage, when it is running: the pod whose log carries progress."""
     for pod in pods:
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
@@ -330,9 +336,39 @@ def _train_log(api: KubeApi, job: FineTuneJob, pods: list[dict[str, Any]]) -> di
         if (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index", "0") != "0":
             continue
         if (pod.get("status") or {}).get("phase") == "Running":
-            tail = api.log_tail(job.namespace, meta["name"])
-            return {"train": tail} if tail else {}
-    return {}
+            return str(meta["name"])
+    return None
+
+
+def _train_log(key: Key, memo: kopf.Memo, job: FineTuneJob, pods: list[dict[str, Any]]) -> dict[str, str]:
+    """The last log tail read of the running train pod, and a fresh read started beside this reconcile.
+
+    A log read can hang (a node under load, a kubelet gone): the job's hand-offs never wait for it; the read
+    reconciles the job again when it brings new lines.
+    """
+    state: State = memo.state
+    pod = _train_pod(job, pods)
+    if pod is None:
+        state.logs.pop(key, None)
+        return {}
+    now = time.monotonic()
+    if key not in state.reading and now - state.read_at.get(key, -POLL_SECONDS) >= POLL_SECONDS:
+        state.reading.add(key)
+        state.read_at[key] = now
+        _spawn(state, _read_log(key, memo, job.namespace, pod))
+    seen, tail = state.logs.get(key, ("", ""))
+    return {"train": tail} if seen == pod and tail else {}
+
+
+async def _read_log(key: Key, memo: kopf.Memo, namespace: str, pod: str) -> None:
+    state: State = memo.state
+    try:
+        tail = await state.call(memo.api.log_tail, namespace, pod)
+    finally:
+        state.reading.discard(key)
+    if tail and state.logs.get(key) != (pod, tail):
+        state.logs[key] = (pod, tail)
+        await reconcile(key, memo, memo.indexes)
 
 
 def _started_but_unseen(api: KubeApi, job: FineTuneJob, stage: str) -> bool:
@@ -384,7 +420,7 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
         return
     jobs = list(memo.indexes["stage_jobs"].get(key, []))
     pods = list(memo.indexes["stage_pods"].get(key, []))
-    logs = await state.call(_train_log, api, job, pods)
+    logs = _train_log(key, memo, job, pods)
     result = plan(job, observe(job.status.run, jobs, pods, logs), dt.datetime.now(dt.UTC))
     if result.start and await state.call(_started_but_unseen, api, job, result.start):
         return  # our view of the children lags (a watch resuming after a pause); the Job's event comes next

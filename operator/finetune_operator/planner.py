@@ -299,6 +299,10 @@ def _events(old: FineTuneJobStatus, new: FineTuneJobStatus) -> list[Event]:
             events.append(Event("Normal", "Resumed", f"resumed in phase {new.phase}"))
         elif new.phase == "Failed" and not any(e.type == "Warning" for e in events):
             events.append(Event("Warning", "Failed", new.message or "failed"))
+    if new.run > 1:  # a later run's events must read differently from the first run's (kubectl describe, audits)
+        for event in events:
+            if event.reason != "NewRun":
+                event.message = f"run {new.run}: {event.message}"
     return events
 
 

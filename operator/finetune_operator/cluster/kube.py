@@ -83,6 +83,7 @@ def load_configuration(
     `--context` picks a kubeconfig context (the current one otherwise).
     """
     configuration = client.Configuration()
+    configuration.retries = False  # `KubeApi.call` retries, with backoff; urllib3's own 3 would multiply timeouts
     path = kubeconfig or environ.get("KUBECONFIG") or None
     if path is None and (environ.get(SERVICE_HOST_ENV_NAME) and context is None):
         try:
