@@ -388,7 +388,13 @@ class KubeApi:
 
     # -- the FineTuneJob
 
-    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+    def write_status(
+        self,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        resource: tuple[str, str, str] = (GROUP, VERSION, PLURAL),
+    ) -> bool:
         """Replace .status whole (a JSON patch on the status subresource); False when the job is gone.
 
         A merge patch cannot remove what the new status leaves out (an earlier run's stages, metrics, artifacts):
@@ -398,10 +404,10 @@ class KubeApi:
             self.call(
                 f"write status of FineTuneJob {namespace}/{name}",
                 self.custom.patch_namespaced_custom_object_status,
-                GROUP,
-                VERSION,
+                resource[0],
+                resource[1],
                 namespace,
-                PLURAL,
+                resource[2],
                 name,
                 [{"op": "add", "path": "/status", "value": status}],
                 field_manager=FIELD_MANAGER,
