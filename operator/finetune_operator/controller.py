@@ -92,6 +92,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330  # a watch that went silent is reopened, not waited on forever
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30  # kopf's own short calls (Events, peering) as bounded as ours
+    settings.networking.connect_timeout = 10
     if not memo.get("api"):
         try:
             memo.api = KubeApi.from_source(memo.get("kube_source"))
