@@ -82,6 +82,7 @@ GROUPS = {
     "events": "/api/v1",
     "jobs": "/apis/batch/v1",
     "finetunejobs": "/apis/finetune.dev/v1alpha1",
+    "kopfpeerings": "/apis/kopf.dev/v1",
 }
 KINDS = {"Pod": "pods", "ConfigMap": "configmaps", "Service": "services", "PersistentVolumeClaim":
          "persistentvolumeclaims", "Job": "jobs", "FineTuneJob": "finetunejobs", "Secret": "secrets"}  # fmt: skip
@@ -382,7 +383,7 @@ class Cluster:
         termination_path = container.get("terminationMessagePath", "/dev/termination-log")
         termination = root / "termination-log"
         termination.write_text("")
-        mounts[termination_path] = termination
+        mounts.add(termination_path, termination)
         log = root / "container.log"
         stage = (meta.get("labels") or {}).get("finetune.dev/stage", "")
         if self.fake is not None:
@@ -423,12 +424,12 @@ class Cluster:
             return pod
         return self.rest.patch("pods", self.namespace, pod["metadata"]["name"], {"status": status}, sub="status")
 
-    def _mounts(self, pod: dict[str, Any], container: dict[str, Any], root: Path) -> dict[str, Path]:
-        """mountPath -> host folder, the volumes made ready as a kubelet would."""
+    def _mounts(self, pod: dict[str, Any], container: dict[str, Any], root: Path) -> Mounts:
+        """The container's view of its volumes, made ready as a kubelet would."""
         volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        mounts: dict[str, Path] = {}
+        mounts = Mounts(root / "fs")
         files: list[Path] = []
         for mount in container.get("volumeMounts") or []:
             volume = volumes[mount["name"]]
@@ -452,14 +453,14 @@ class Cluster:
                 host = self.volume(claim)
             else:
                 raise AssertionError(f"the test kubelet does not mount volume {volume}")
-            mounts[mount["mountPath"]] = host
+            mounts.add(mount["mountPath"], host)
         # Files in the mounted ConfigMaps name container paths too (the stage config): map them like the rest.
         for file in files:
             with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-                file.write_text(json.dumps(remap(json.loads(file.read_text()), mounts)))
+                file.write_text(json.dumps(mounts.remap(json.loads(file.read_text()))))
         return mounts
 
-    def _env(self, pod: dict[str, Any], container: dict[str, Any], mounts: dict[str, Path]) -> dict[str, str]:
+    def _env(self, pod: dict[str, Any], container: dict[str, Any], mounts: Mounts) -> dict[str, str]:
         env: dict[str, str] = {}
         for source in container.get("envFrom") or []:
             ref = source.get("secretRef") or source.get("configMapRef") or {}
@@ -482,7 +483,7 @@ class Cluster:
             if subdomain and re.fullmatch(rf"[a-z0-9-]+\.{re.escape(subdomain)}(\.{self.namespace}(\.svc.*)?)?", value):
                 env[name] = "127.0.0.1"
         env.setdefault("HOSTNAME", pod["spec"].get("hostname") or pod["metadata"]["name"])
-        return {k: remap(v, mounts) for k, v in env.items()}
+        return {k: mounts.remap(v) for k, v in env.items()}
 
     def _data(self, source: dict[str, Any], name: str) -> dict[str, str]:
         import base64
@@ -497,16 +498,17 @@ class Cluster:
             raise PodNotReady(f"CreateContainerConfigError: configmap {name!r} not found")
         return dict(config_map.get("data") or {})
 
-    def _spawn(self, container: dict[str, Any], mounts: dict[str, Path], env: dict[str, str], root: Path,
+    def _spawn(self, container: dict[str, Any], mounts: Mounts, env: dict[str, str], root: Path,
                log: Path) -> subprocess.Popen:  # fmt: skip
-        argv = [remap(a, mounts) for a in [*(container.get("command") or []), *(container.get("args") or [])]]
+        argv = [mounts.remap(a) for a in [*(container.get("command") or []), *(container.get("args") or [])]]
         if argv and argv[0] == "finetune-operator":  # the trainer image's entrypoint is this environment's CLI
             argv = [sys.executable, "-m", "finetune_operator", *argv[1:]]
         # The image's environment (PATH, PYTHONPATH, offline caches), then the container's; never the cluster's.
         base = {k: v for k, v in os.environ.items() if k != "KUBECONFIG" and not k.startswith("PYTEST")}
         with log.open("wb") as out:
             return subprocess.Popen(
-                argv, cwd=root, env={**base, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv, cwd=root, env={**base, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent,
             )
 
     def _watch_process(self, pod: dict[str, Any], running: RunningPod) -> dict[str, Any]:
@@ -736,18 +738,36 @@ class Cluster:
             self.rest.patch(plural, self.namespace, obj["metadata"]["name"], {"metadata": {"finalizers": left or None}})
 
 
-def remap(value: Any, mounts: dict[str, Path]) -> Any:
-    """A container path under a mount as the host path behind it (strings anywhere in JSON-like data)."""
-    if isinstance(value, dict):
-        return {k: remap(v, mounts) for k, v in value.items()}
-    if isinstance(value, list):
-        return [remap(v, mounts) for v in value]
-    if not isinstance(value, str):
+class Mounts:
+    """A container's filesystem as far as its mounts go: `fs/<mountPath>` links to the volume's host folder.
+
+    A process cannot enter the container's mount namespace, so the paths it is given (arguments, env, the JSON
+    config files of mounted ConfigMaps) are rewritten into `fs`: every path at or under a mount, and every
+    folder above one (e.g. /mnt/pvc, the root of the pvc://CLAIM mounts /mnt/pvc/CLAIM).
+    """
+
+    def __init__(self, fs: Path) -> None:
+        self.fs = fs
+        self.paths: list[str] = []
+
+    def add(self, mount_path: str, host: Path) -> None:
+        link = self.fs / mount_path.strip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(host)
+        self.paths.append(mount_path.rstrip("/"))
+
+    def remap(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self.remap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.remap(v) for v in value]
+        if not isinstance(value, str) or not value.startswith("/") or value == "/":
+            return value
+        path = value.rstrip("/")
+        for mount in self.paths:
+            if path == mount or path.startswith(mount + "/") or mount.startswith(path + "/"):
+                return str(self.fs) + value
         return value
-    for mount in sorted(mounts, key=len, reverse=True):
-        if value == mount or value.startswith(mount.rstrip("/") + "/"):
-            return str(mounts[mount]) + value[len(mount.rstrip("/")) :]
-    return value
 
 
 def field_path(pod: dict[str, Any], path: str) -> str:
@@ -983,6 +1003,15 @@ def _json_or_none(body: bytes) -> Any:
 # -------------------------------------------------------------------------------------- the operator
 
 
+def die_with_parent() -> None:
+    """preexec_fn: the child is SIGKILLed when the process (thread) that started it dies, even by SIGKILL, so a
+    killed test run leaves no operator or stage process behind (Linux)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -993,8 +1022,8 @@ class OperatorProcess:
     """`finetune-operator operator -n NAMESPACE` with KUBECONFIG, as a user runs it; its output goes to a file."""
 
     def __init__(self, kubeconfig: Path, namespace: str, log: Path, poll_seconds: float = 1.0,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
-        self.kubeconfig, self.namespace, self.log = kubeconfig, namespace, log
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.kubeconfig, self.namespace, self.log, self.args = kubeconfig, namespace, log, args
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FINETUNE_POLL_SECONDS": str(poll_seconds),
                     **(env or {})}  # fmt: skip
         self.process: subprocess.Popen | None = None
@@ -1003,11 +1032,11 @@ class OperatorProcess:
     def start(self, wait_ready: bool = True) -> OperatorProcess:
         self.health = free_port()
         argv = [sys.executable, "-m", "finetune_operator", "operator", "--namespace", self.namespace,
-                "--liveness", f"http://127.0.0.1:{self.health}/healthz", "--metrics-port", "0"]  # fmt: skip
+                "--liveness", f"http://127.0.0.1:{self.health}/healthz", "--metrics-port", "0", *self.args]  # fmt: skip
         with self.log.open("ab") as out:
             out.write(f"\n===== start {self.starts + 1} =====\n".encode())
             self.process = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)  # fmt: skip
+                                            start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         self.starts += 1
         if wait_ready:
             self.wait_ready()

@@ -32,9 +32,11 @@ from .cluster import (
     FaultProxy,
     OperatorProcess,
     Rest,
+    free_port,
     wait_until,
 )
 from .conftest import first_word_rows, write_jsonl
+from .helm import allows
 
 STAGES = ("prepare", "train", "evaluate", "export")
 NAME = "demo"
@@ -65,9 +67,12 @@ class Env:
         self.clusters.append(cluster)
         return cluster
 
-    def operator(self, through_proxy: bool = True, start: bool = True) -> OperatorProcess:
-        kubeconfig = self.proxy.kubeconfig(self.tmp / "operator.kubeconfig") if through_proxy else None
-        operator = OperatorProcess(kubeconfig or self.server.kubeconfig, self.namespace, self.tmp / "operator.log")
+    def operator(self, through_proxy: bool = True, start: bool = True, proxy: FaultProxy | None = None,
+                 args: tuple[str, ...] = ()) -> OperatorProcess:  # fmt: skip
+        proxy = proxy or self.proxy
+        kubeconfig = proxy.kubeconfig(self.tmp / f"operator-{proxy.port}.kubeconfig") if through_proxy else None
+        log = self.tmp / f"operator-{len(self.operators)}.log"
+        operator = OperatorProcess(kubeconfig or self.server.kubeconfig, self.namespace, log, args=args)
         self.operators.append(operator)
         return operator.start() if start else operator
 
@@ -90,6 +95,8 @@ class Env:
     def wait_phase(self, phase: str, timeout: float = 60, name: str = NAME, run: int | None = None) -> dict:
         def reached() -> dict[str, Any] | None:
             status = self.status(name)
+            if status.get("phase") == "Failed" != phase:
+                raise AssertionError(f"the job failed: {status.get('message')}")
             return status if status.get("phase") == phase and (run is None or status.get("run") == run) else None
 
         try:
@@ -144,6 +151,49 @@ def env(crd_installed: ApiServer, namespace: str, tmp_path: Path):
                     errors.append(str(exc))
             rest.close()
             assert not errors, errors[0]
+        assert_rbac_allows(proxy.requests, namespace)
+
+
+RBAC_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch"}
+
+
+def rbac_request(method: str, path: str, query: str) -> tuple[str, str, str] | None:
+    """(verb, API group, resource[/subresource]) of a request path; None for discovery and /version."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "api" and len(parts) > 2:
+        group, rest = "", parts[2:]
+    elif parts[0] == "apis" and len(parts) > 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if rest[0] == "namespaces" and len(rest) > 2:
+        rest = rest[2:]
+    plural, name, sub = rest[0], (rest[1:2] or [None])[0], (rest[2:3] or [None])[0]
+    if method == "GET":
+        verb = "get" if name else ("watch" if "watch=true" in query.lower() else "list")
+    elif method == "DELETE":
+        verb = "delete" if name else "deletecollection"
+    else:
+        verb = RBAC_VERBS[method]
+    return verb, group, plural + (f"/{sub}" if sub else "")
+
+
+def assert_rbac_allows(requests: list[Any], namespace: str) -> None:
+    """Every request the operator made on the real server is granted by the chart installed as this operator
+    runs: watching one namespace (a Role there, the ClusterRole for discovery), with peering where it peered."""
+    if not requests:
+        return
+    from .helm import one, render_chart
+
+    peering = any("/kopf.dev/" in r.path for r in requests)
+    chart = render_chart({"watchNamespaces": [namespace], "peering": {"enabled": peering}})
+    cluster_rules = one(chart, "ClusterRole")["rules"]
+    namespace_rules = cluster_rules + one(chart, "Role")["rules"]
+    made = {(call, f"/namespaces/{namespace}/" in r.path) for r in requests
+            if (call := rbac_request(r.method, r.path, r.query))}  # fmt: skip
+    denied = sorted(call for call, namespaced in made
+                    if not allows(namespace_rules if namespaced else cluster_rules, *call))  # fmt: skip
+    assert not denied, f"the chart's RBAC does not allow what the operator did: {denied}"
 
 
 def assert_events_once(events: list[dict[str, Any]], runs: int = 1) -> collections.Counter:
@@ -307,11 +357,37 @@ def test_a_spec_change_starts_run_2_whose_status_holds_only_its_own_results(env:
     assert counts["StageStarted"] == counts["StageSucceeded"] == 8
 
 
-def test_a_change_of_runpolicy_alone_does_not_start_a_new_run(env: Env):
+def scrape(port: int) -> dict[str, float]:
+    """The operator's /metrics as {"name{labels}": value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def test_a_job_succeeds_with_metrics_and_a_runpolicy_change_alone_starts_no_new_run(env: Env):
     env.cluster(FakeStages())
-    env.operator()
-    env.apply(FAKE_SPEC)
-    env.wait_phase("Succeeded")
+    port = free_port()
+    env.operator(args=("--metrics-port", str(port)))
+    created = env.apply(FAKE_SPEC)
+    status = env.wait_phase("Succeeded")
+    assert status["lineage"]["modelRevision"] == "abc" and status["observedGeneration"] == 1
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["Ready"] == "True" and conditions["Reconciling"] == "False"
+    jobs = env.rest.list("jobs", env.namespace)
+    assert all(j["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"] for j in jobs)
+    assert "kopf" not in json.dumps(status)  # kopf's bookkeeping stays out of the status
+    metrics = scrape(port)
+    assert metrics[f'finetune_jobs{{namespace="{env.namespace}",phase="Succeeded"}}'] == 1
+    for stage in STAGES:
+        assert metrics[f'finetune_stage_duration_seconds_count{{outcome="Succeeded",stage="{stage}"}}'] == 1
+    assert metrics["finetune_time_to_first_stage_seconds_count"] == 1
+
     env.apply({**FAKE_SPEC, "runPolicy": {"ttlSecondsAfterFinished": 3600}})
     wait_until(lambda: env.status().get("observedGeneration") == 2, 30, "generation 2 observed")
     status = env.status()
@@ -445,3 +521,97 @@ def test_the_operator_killed_at_20_random_moments_finishes_the_run_once(env: Env
     assert [status["stages"][s]["state"] for s in STAGES] == ["Succeeded"] * 4, context
     counts = assert_events_once(env.settled_events({"Succeeded": 1}))
     assert counts["StageSucceeded"] <= 4 and counts["Succeeded"] <= 1, context
+
+
+def test_a_stage_that_exits_with_a_config_error_fails_the_job_without_a_retry(env: Env):
+    failure = {"ok": False, "message": "spec.dataset.source: row 4: column 'output' is a int"}
+    cluster = env.cluster(FakeStages(fail={"prepare": (3, failure)}))
+    env.operator()
+    env.apply(FAKE_SPEC)
+    status = env.wait_phase("Failed")
+    assert status["message"] == f"prepare failed: {failure['message']}"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Stalled"] == "True"
+    assert env.children("jobs") == [f"{NAME}-prepare"]  # train never started
+    job = env.rest.get("jobs", env.namespace, f"{NAME}-prepare")
+    assert {c["type"]: c["reason"] for c in job["status"]["conditions"]}["Failed"] == "PodFailurePolicy"
+    assert len(cluster.pods_created) == 1  # exit code 3 is not retried (podFailurePolicy FailJob)
+    assert assert_events_once(env.settled_events({"StageFailed": 1}))["StageFailed"] == 1
+
+
+def test_training_progress_comes_from_the_train_pod_log(env: Env):
+    fake = FakeStages(hold={"train"})
+    env.cluster(fake)
+    env.operator()
+    env.apply(FAKE_SPEC)
+
+    def at_step_5() -> dict[str, Any] | None:
+        status = env.status()
+        return status if (status.get("progress") or {}).get("step") == 5 else None
+
+    status = wait_until(at_step_5, 60, "progress at step 5 (from the pod log)")
+    assert status["phase"] == "Training" and status["progress"]["percent"] == 50
+    assert status["progress"]["eta"] == "5s" and status["message"] == "train step 5/10 (50%), loss 1.5, ETA 5s"
+    fake.hold.clear()
+    final = env.wait_phase("Succeeded")
+    assert final["progress"]["step"] == 10  # the train summary's final numbers replace the live ones
+
+
+def test_suspend_stops_the_running_stage_and_resume_runs_it_again(env: Env):
+    fake = FakeStages(hold={"train"})
+    cluster = env.cluster(fake)
+    env.operator()
+    env.apply(FAKE_SPEC)
+    env.wait_phase("Training")
+    wait_until(lambda: ("train" in {s for s, _ in cluster.processes_started}), 30, "the train pod running")
+    env.apply({**FAKE_SPEC, "runPolicy": {"suspend": True}})
+    status = env.wait_phase("Suspended")
+    assert status["stages"]["prepare"]["state"] == "Succeeded"
+    wait_until(lambda: env.children("jobs") == [f"{NAME}-prepare"], 30, "train's Job deleted, prepare's kept")
+    wait_until(lambda: not cluster.running, 30, "the train process stopped")
+    env.apply({**FAKE_SPEC, "runPolicy": {"suspend": False}})
+    env.wait_phase("Training")
+    fake.hold.clear()
+    final = env.wait_phase("Succeeded")
+    assert final["observedGeneration"] == 3 and final["run"] == 1
+    assert env.job_posts() == {f"{NAME}-prepare": 1, f"{NAME}-train": 2, f"{NAME}-evaluate": 1, f"{NAME}-export": 1}
+    assert [s for s, _ in cluster.processes_started] == ["prepare", "train", "train", "evaluate", "export"]
+    events = env.settled_events({"Suspended": 1, "Resumed": 1, "Succeeded": 1})
+    counts = collections.Counter((e["reason"], e["message"]) for e in events)
+    assert counts[("StageStarted", f"train started ({NAME}-train)")] == 2  # started, stopped, started again
+    assert all(n == 1 for key, n in counts.items() if key[0] != "StageStarted"), counts
+    assert collections.Counter(e["reason"] for e in events)["Suspended"] == 1
+
+
+def test_ttl_after_finished_deletes_the_children_and_keeps_the_status(env: Env):
+    env.cluster(FakeStages())
+    env.operator()
+    env.apply({**FAKE_SPEC, "runPolicy": {"ttlSecondsAfterFinished": 1}})
+    env.wait_phase("Succeeded")
+
+    def all_gone() -> bool:
+        return not any(env.children(p) for p in ("jobs", "pods", "configmaps", "persistentvolumeclaims"))
+
+    wait_until(all_gone, 40, "the children deleted after the TTL")
+    status = env.status()
+    assert status["phase"] == "Succeeded" and status["artifacts"][0]["name"] == "merged"  # results outlive them
+
+
+def test_two_replicas_with_peering_one_works_and_the_other_takes_over(env: Env):
+    env.rest.create("kopfpeerings", env.namespace, {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                                                    "metadata": {"name": "fto"}})  # fmt: skip
+    fake = FakeStages(hold={"train"})
+    env.cluster(fake)
+    with FaultProxy(env.server.kubeconfig) as standby_proxy:
+        standby = env.operator(proxy=standby_proxy, args=("--peering", "fto", "--priority", "20"))
+        leader = env.operator(args=("--peering", "fto", "--priority", "100"))
+        time.sleep(1)  # the standby sees the leader's peering record and pauses
+        env.apply(FAKE_SPEC)
+        env.wait_phase("Training")
+        leader.stop()  # a clean stop removes its peering record: the standby resumes
+        fake.hold.clear()
+        env.wait_phase("Succeeded", timeout=90)
+        standby.kill()
+        took_over = collections.Counter(r.body["metadata"]["name"] for r in standby_proxy.made("POST", r"/jobs$", 201))
+        assert_rbac_allows(standby_proxy.requests, env.namespace)
+    assert env.job_posts() == {f"{NAME}-prepare": 1, f"{NAME}-train": 1}
+    assert took_over == {f"{NAME}-evaluate": 1, f"{NAME}-export": 1}
