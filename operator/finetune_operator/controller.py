@@ -44,6 +44,7 @@ LABEL = "finetune.dev/job"
 POLL_SECONDS = float(os.environ.get("FINETUNE_POLL_SECONDS", "5"))
 REPORT_AFTER = 3
 """Failed reconciles in a row (each after its own API retries) before the job shows the error."""
+RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 60.0
 API_THREADS = 16
 """Worker threads for the blocking client: enough that slow calls of some jobs do not queue the others'."""
@@ -282,7 +283,7 @@ async def _failed(key: Key, memo: kopf.Memo, exc: Exception) -> None:
     failure = state.failures.setdefault(key, Failure())
     failure.count += 1
     failure.error = str(exc) if isinstance(exc, ApiCallError) else f"{type(exc).__name__}: {exc}"
-    delay = min(RETRY_CAP_SECONDS, 2.0 ** (failure.count - 1)) * random.uniform(0.8, 1.2)
+    delay = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (failure.count - 1)) * random.uniform(0.8, 1.2)
     log.warning(
         "reconcile of %s/%s failed (%d in a row): %s; retrying in %.1fs", *key, failure.count, failure.error, delay
     )
