@@ -339,6 +339,7 @@ def test_a_spec_change_starts_run_2_whose_status_holds_only_its_own_results(env:
         assert not during.get(dropped), (dropped, during)
     assert set(during["stages"]) <= {"prepare", "train"}, during["stages"]
 
+    env.settled_events({"StageStarted": 6})  # Events follow the status write: a kill before them loses them
     operator.kill()
     fake.hold.clear()
     env.operator()
