@@ -300,3 +300,15 @@ def test_a_status_write_removes_what_the_new_status_leaves_out(api: KubeApi, nam
     merged = api.custom.get_namespaced_custom_object(group, version, namespace, plural, "demo")["status"]
     assert merged["metrics"] == run1["metrics"]
     assert not api.write_status(namespace, "gone", run2, resource=widget_crd)  # a deleted job: no error, no retry
+
+
+def test_an_event_is_posted_about_the_object_from_any_thread(api: KubeApi, namespace: str):
+    """Events go through the operator's client, not kopf.event (which works only inside a kopf handler)."""
+    created = api.core.create_namespaced_config_map(namespace, {"metadata": {"name": "about"}})
+    about = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "about", "namespace": namespace,
+                                                                    "uid": created.metadata.uid}}  # fmt: skip
+    api.post_event(about, "Warning", "ApiError", "create Job ml/demo-train: 500 Internal Server Error")
+    events = api.core.list_namespaced_event(namespace, field_selector=f"involvedObject.uid={created.metadata.uid}")
+    [event] = events.items
+    assert (event.type, event.reason, event.source.component) == ("Warning", "ApiError", "finetune-operator")
+    assert event.message == "create Job ml/demo-train: 500 Internal Server Error" and event.last_timestamp

@@ -314,7 +314,7 @@ async def _report(key: Key, memo: kopf.Memo, error: str) -> bool:
         return False
     body = _current(bodies[0], memo.written.get(key))
     message = f"the operator cannot act on this job: {error} (retrying)"
-    kopf.event(body, type="Warning", reason="ApiError", message=message[:1000])
+    await _post_events(memo, body, [("Warning", "ApiError", message[:1000])])
     try:
         job = FineTuneJob.model_validate(body)
     except ValidationError:
@@ -448,8 +448,18 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
     else:
         state.due.pop(key, None)
     # After the status write, not before: an operator killed in between loses an Event, it never repeats one.
-    for event in result.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    await _post_events(memo, body, [(e.type, e.reason, e.message) for e in result.events])
+
+
+async def _post_events(memo: kopf.Memo, body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
+    """Events through the operator's own client: a pass may run in the poll loop or a retry timer, outside any kopf
+    handler (kopf.event works only inside one). A failed post is logged, never retried by a reconcile (the status
+    that records the transition is written: the reconcile is done)."""
+    for type_, reason, message in events:
+        try:
+            await memo.state.call(memo.api.post_event, body, type_, reason, message)
+        except ApiCallError as exc:
+            log.warning("%s", exc)
 
 
 def apply(api: KubeApi, job: FineTuneJob, result: Plan, settings: OperatorSettings) -> None:
@@ -484,7 +494,7 @@ async def _refuse(api: KubeApi, key: Key, body: dict[str, Any], memo: kopf.Memo,
     status.update(phase="Failed", message=message)
     if (memo.written.get(key) or {}).get("status") != status:
         await memo.state.call(api.write_status, key[0], key[1], status)
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+        await _post_events(memo, body, [("Warning", "InvalidSpec", message)])
     memo.written[key] = {"uid": (body.get("metadata") or {}).get("uid"), "status": status}
 
 

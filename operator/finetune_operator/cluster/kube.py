@@ -7,11 +7,13 @@ server's answer, for the controller to show in the FineTuneJob's conditions and 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -420,6 +422,45 @@ class KubeApi:
         return True
 
     patch_status = write_status  # the name the emulator tests and older callers use
+
+    def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about `obj` (what `kubectl describe` lists), posted from any thread or task."""
+        meta = obj.get("metadata") or {}
+        namespace = meta.get("namespace") or "default"
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            # A name of our own, as client-go's recorder makes them: a POST retried after a timeout that had in
+            # fact gone through gets a 409, not a second Event.
+            "metadata": {"name": f"{meta.get('name', 'object')}.{time.time_ns():x}", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": socket.gethostname()[:128],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.call(
+                f"post Event {reason} for {namespace}/{meta.get('name')}",
+                self.core.create_namespaced_event,
+                namespace,
+                event,
+            )
+        except ApiCallError as exc:
+            if exc.status != 409:
+                raise
 
     def log_tail(self, namespace: str, pod: str, lines: int = 40) -> str | None:
         """The last lines of a stage pod's log, or None (best effort: progress only; never retried)."""
