@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from .base import API_VERSION, KIND, URI_PATTERN
 from .crd import MAX_NAME_LENGTH, open_api_schema
-from .spec import FineTuneJobSpec
+from .spec import METRICS_BY_OBJECTIVE, FineTuneJobSpec
 
 Target = Literal["cluster", "local"]
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -294,6 +294,14 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
             warn(f"spec.evaluation.gates[{i}]", f"{gate.metric} is lower-is-better: a max gate is usual")
         if gate.metric not in lower_is_better and gate.max is not None and gate.min is None:
             warn(f"spec.evaluation.gates[{i}]", f"{gate.metric} is higher-is-better: a min gate is usual")
+    ev = spec.evaluation
+    ignored = [m for m in ev.metrics if m not in METRICS_BY_OBJECTIVE[tr.objective]]
+    if ignored and "metrics" in ev.model_fields_set:  # the default [perplexity] is not the user's choice
+        warn(
+            "spec.evaluation.metrics",
+            f"{', '.join(ignored)} does not apply to objective {tr.objective} and is not computed; "
+            f"{tr.objective} is evaluated by {', '.join(METRICS_BY_OBJECTIVE[tr.objective])}",
+        )
     gen = spec.evaluation.generation
     if gen.temperature == 0 and gen.top_p < 1:
         warn("spec.evaluation.generation.topP", "ignored with temperature 0 (greedy decoding)")
