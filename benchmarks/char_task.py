@@ -2,8 +2,8 @@
 
 The task: upper-case a random 4-6 letter string ("Upper-case: qzmfa" -> "QZMFA"). The eval strings never occur in
 the training rows, so a model only scores by learning the letters, not by recalling whole-string tokens. Both runs
-go through `finetune-operator run` (the local mode: prepare, train, evaluate, export) with the same model size,
-steps and data; only `--init-tokenizer` differs. Run:
+use the same model size, steps and data; only `--init-tokenizer` differs (the model is built as `run --init-model`
+builds it, then the prepare, train and evaluate stage programs run in this process). Run:
 
     python benchmarks/char_task.py [--steps 400] [--preset tiny-gpt2]
 
@@ -57,22 +57,36 @@ def manifest(root: Path, steps: int) -> Path:
 
 
 def run(tokenizer: str, steps: int, preset: str, data: tuple[list, list]) -> dict[str, Any]:
-    from finetune_operator.local import Reporter, execute
-
-    class Quiet(Reporter):
-        def event(self, kind: str, reason: str, message: str) -> None: ...
+    """`--init-model PRESET --init-tokenizer TOKENIZER`, then prepare, train and evaluate (in this process)."""
+    from finetune_operator.api.job import FineTuneJob
+    from finetune_operator.api.spec import FineTuneJobSpec
+    from finetune_operator.local import init_model
+    from finetune_operator.stages.contract import StageConfig
+    from finetune_operator.stages.runner import run_stage
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name, part in zip(("train.jsonl", "eval.jsonl"), data, strict=True):
             (root / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+        path = manifest(root, steps)
+        raw = yaml.safe_load(path.read_text())
+        spec = FineTuneJobSpec.model_validate(raw["spec"])
         started = time.monotonic()
-        job, _ = execute(manifest(root, steps), init=preset, init_tokenizer=tokenizer, reporter=Quiet())
-        elapsed = time.monotonic() - started
-        metrics = job.status.metrics
-        assert metrics is not None, job.status.message
-        return {"tokenizer": tokenizer, "eval": metrics.tuned["exactMatch"], "train": metrics.train["exactMatch"],
-                "seconds": round(elapsed), "phase": job.status.phase}  # fmt: skip
+        init_model(preset, FineTuneJob(metadata=raw["metadata"], spec=spec), path, tokenizer)
+        config = root / "stage.json"
+        stage_config = StageConfig(job="upper", spec=spec, base_dir=str(root), termination_log=str(root / "t.log"))
+        config.write_text(stage_config.model_dump_json(by_alias=True))
+        for stage in ("prepare", "train", "evaluate"):
+            code = run_stage(stage, config, root / "work")
+            if code != 0:
+                raise SystemExit(
+                    f"{stage} failed ({code}): {(root / 'work' / 'summaries' / f'{stage}.json').read_text()}"
+                )
+        summary = json.loads((root / "work" / "summaries" / "evaluate.json").read_text())
+        preflight = json.loads((root / "work" / "reports" / "preflight.json").read_text())
+        return {"tokenizer": tokenizer, "eval": summary["metrics"]["tuned"]["exactMatch"],
+                "train": summary["metrics"]["train"]["exactMatch"], "vocab": preflight["tokenizer"]["vocab"],
+                "tokens": preflight["tokens"]["mean"], "seconds": round(time.monotonic() - started)}  # fmt: skip
 
 
 def main() -> None:
@@ -85,10 +99,12 @@ def main() -> None:
     seen: set[str] = set()
     data = (rows(800, rng, seen), rows(100, rng, seen))
     results = [run(t, args.steps, args.preset, data) for t in args.tokenizers]
-    print("| --init-tokenizer | exact match, eval (unseen strings) | exact match, train rows | run time |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| --init-tokenizer | vocab | mean tokens/row | exact match, eval (unseen strings) | exact match, train rows |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['tokenizer']} | {r['eval']:.2f} | {r['train']:.2f} | {r['seconds']} s |")
+        print(f"| {r['tokenizer']} | {r['vocab']} | {r['tokens']} | {r['eval']:.2f} | {r['train']:.2f} |")
 
 
 if __name__ == "__main__":

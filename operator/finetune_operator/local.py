@@ -260,9 +260,13 @@ def init_model(preset: str, job: FineTuneJob, manifest: Path, tokenizer: str = "
         return None
     ds_spec = job.spec.dataset
     field = "spec.dataset.source"
+    if "://" in ds_spec.source and not ds_spec.source.startswith("file://"):
+        problem = f"'{ds_spec.source}': --init-model trains its tokenizer on local data; use a path or file:// URI"
+        raise InvalidJobError([Problem(field, problem)], str(manifest))
     data = local_path(ds_spec.source, manifest.parent.resolve())
     if not data.exists():
-        raise InvalidJobError([Problem(field, f"'{data}' does not exist: fix the path")], str(manifest))
+        problem = f"'{data}' does not exist: fix the path (relative paths are relative to the manifest's folder)"
+        raise InvalidJobError([Problem(field, problem)], str(manifest))
     texts: list[str] = []
     try:
         with tempfile.TemporaryDirectory() as cache:

@@ -120,13 +120,16 @@ def _tokenize(config: StageConfig, ds: Any, tokenizer: Any) -> Any:
             joined = [preference_texts(r, tokenizer) for r in records]
             rejected = tokenizer([t["prompt"] + t["rejected"] for t in joined])["input_ids"]
             eos = tokenizer.eos_token or ""
-            for e, r, t in zip(encoded, rejected, joined, strict=True):
+            answers = tokenizer([t["chosen"] for t in joined], add_special_tokens=False)["input_ids"]
+            for e, r, t, a in zip(encoded, rejected, joined, answers, strict=True):
                 e["full_length"] = max(e["full_length"], len(r) + (0 if t["rejected"].endswith(eos) else 1))
+                # The DPO trainer truncates long prompts itself (maxPromptLength): only an empty answer is unusable.
+                e["label_tokens"] = len(a)
         return {
             "input_ids": [e["input_ids"] for e in encoded],
             "labels": [e["labels"] for e in encoded],
             "full_length": [e["full_length"] for e in encoded],
-            "label_tokens": [sum(t != -100 for t in e["labels"]) for e in encoded],
+            "label_tokens": [e.get("label_tokens", sum(t != -100 for t in e["labels"])) for e in encoded],
         }
 
     workers = min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_TOKENIZE_ROWS else None
