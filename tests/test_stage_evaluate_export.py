@@ -64,6 +64,10 @@ def test_tuned_model_beats_the_base_model(trained, tmp_path):
     assert tuned["bleu"] >= base["bleu"] and tuned["rougeL"] > base["rougeL"]  # one-word answers: no 4-grams
     assert summary["gatesPassed"] is True and [g["passed"] for g in summary["gates"]] == [True, True]
     assert summary["summary"].startswith("exactMatch")
+    # The same metrics on as many training rows, next to the eval score: memorisation would show as a gap.
+    train = summary["metrics"]["train"]
+    assert train.keys() == tuned.keys() and train["exactMatch"] >= 0.8
+    assert f"train {train['exactMatch']:.4g}" in summary["summary"]
     samples = [json.loads(line) for line in (work / "evaluate" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 10 and {"prompt", "reference", "base", "tuned"} <= samples[0].keys()
     assert sum(s["tuned"] == s["reference"] for s in samples) >= 8
@@ -198,12 +202,14 @@ def test_serving_config_round_trips_and_matches_the_files(lora_exported):
     assert status["sha256"] == digest(published / "serving-config.pb")[0]
 
 
-def test_kserve_manifest_points_at_the_merged_model(trained, tmp_path):
+def test_kserve_manifest_points_at_the_merged_model(trained, tmp_path, capfd):
     config, work = _with(trained, tmp_path, evaluation={"gates": [], "compareBase": False},
                          export={"formats": ["merged"], "serving": {"runtime": "kserve"}},
                          output={"uri": str(tmp_path / "out")})  # fmt: skip
     assert run_stage("evaluate", config, work) == 0
     assert run_stage("export", config, work) == 0
+    log = capfd.readouterr().out
+    assert "copying the fine-tuned model" in log and "merging the adapter" not in log  # full: no adapter
     manifest = yaml.safe_load((tmp_path / "out" / "kserve" / "inferenceservice.yaml").read_text())
     assert manifest["kind"] == "InferenceService" and manifest["apiVersion"] == "serving.kserve.io/v1beta1"
     model = manifest["spec"]["predictor"]["model"]

@@ -91,9 +91,13 @@ def test_hh_preference_pairs_get_their_prompt_split_off(tmp_path, micro_model):
                       training={"objective": "dpo"})  # fmt: skip
     code, summary, work = prepare(tmp_path, spec)
     assert code == 0, summary
-    train = load_from_disk(str(work / "data" / "train"))
-    row = train[0]
-    assert row["prompt"].endswith("Assistant:") and row["rejected"] == " no" and row["chosen"].endswith("is great")
+    row = load_from_disk(str(work / "data" / "train"))[0]
+    record = json.loads(row["record"])
+    assert record["prompt"].endswith("Assistant:") and record["rejected"] == " no"
+    assert record["chosen"].endswith("is great")
+    # The tokenizer has a chat template: the transcript becomes a user turn, the answers assistant turns.
+    assert row["prompt"].startswith("<|user|>\nfavourite ") and row["prompt"].endswith("<|assistant|>\n")
+    assert row["rejected"] == "no<|eos|>" and row["chosen"].endswith("is great<|eos|>")
 
 
 def test_text_format_from_txt_and_sentencepiece_tokenizer(tmp_path, micro_sp_model):

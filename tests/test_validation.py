@@ -340,6 +340,20 @@ INVALID = [
         "cel",
     ),
     (
+        "reward-with-generation-metric",
+        spec(dataset=PREF, training={"objective": "reward"}, evaluation={"metrics": ["exactMatch"]}),
+        "spec.evaluation.metrics",
+        "objective reward is evaluated by rewardAccuracy",
+        "cel",
+    ),
+    (
+        "reward-accuracy-for-sft",
+        spec(evaluation={"metrics": ["rewardAccuracy"]}),
+        "spec.evaluation.metrics",
+        "applies to objective reward only",
+        "cel",
+    ),
+    (
         "empty-column-name",
         spec(dataset={"columns": {"prompt": " "}}),
         "spec.dataset.columns.prompt",
@@ -383,6 +397,22 @@ def test_warnings_do_not_fail(job):
     parsed, problems = validate_object(job)
     assert parsed is not None
     assert {p.path for p in problems if p.severity == "warning"} >= {"spec.model.revision", "spec.evaluation.gates[0]"}
+
+
+def test_metrics_that_do_not_apply_to_the_objective_warn(job):
+    job["spec"]["dataset"] = {"source": "s3://b/p.jsonl", "format": "preference"}
+    job["spec"]["training"]["objective"] = "reward"
+    job["spec"]["evaluation"] = {"metrics": ["perplexity", "rewardAccuracy"],
+                                 "gates": [{"metric": "rewardAccuracy", "min": 0.6}]}  # fmt: skip
+    parsed, problems = validate_object(job)
+    assert parsed is not None
+    warning = next(p for p in problems if p.path == "spec.evaluation.metrics")
+    assert warning.severity == "warning"
+    assert warning.message == (
+        "perplexity does not apply to objective reward and is not computed; reward is evaluated by rewardAccuracy"
+    )
+    job["spec"]["evaluation"] = {}  # the default metrics are not the user's choice: no warning
+    assert not [p for p in validate_object(job)[1] if p.path == "spec.evaluation.metrics"]
 
 
 ACTIVE = {"status": {"phase": "Training"}}

@@ -123,7 +123,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     reporter = RichReporter()
     try:
-        job, run = execute(Path(args.file), fresh=args.fresh, init=args.init_model, reporter=reporter)
+        job, run = execute(
+            Path(args.file),
+            fresh=args.fresh,
+            init=args.init_model,
+            init_tokenizer=args.init_tokenizer,
+            reporter=reporter,
+        )
     except InvalidJobError as exc:
         for problem in exc.problems:
             print(problem.format(exc.source), file=sys.stderr)
@@ -184,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PRESET",
         choices=["micro", "tiny-gpt2"],
         help="build a random-init model of this size at spec.model.source if nothing is there yet (offline)",
+    )
+    run.add_argument(
+        "--init-tokenizer",
+        choices=["bpe", "sentencepiece", "char"],
+        default="bpe",
+        help="the tokenizer --init-model trains on the dataset's columns: bpe (default), sentencepiece, or char "
+        "(one token per character: lets a tiny model learn string tasks such as spelling or reversing words)",
     )
     run.add_argument("--quiet", "-q", action="store_true", help="do not print the final status YAML")
     run.set_defaults(func=_cmd_run)

@@ -27,7 +27,7 @@ import yaml
 
 from .api.job import FineTuneJob
 from .api.status import FINISHED_PHASES, FineTuneJobStatus
-from .api.validation import load_job, local_path
+from .api.validation import InvalidJobError, Problem, load_job, local_path
 from .planner import Observed, ObservedStage, Plan, config_hash, plan
 from .stages.contract import EXIT_CONFIG_ERROR, EXIT_GATE_FAILED, StageConfig, Workdir, parse_line
 
@@ -243,17 +243,44 @@ def load_status(run: LocalRun) -> FineTuneJobStatus | None:
 
 
 def init_model(preset: str, job: FineTuneJob, manifest: Path, tokenizer: str = "bpe") -> Path | None:
-    """Build a tiny random-init model at spec.model.source (a local path) unless something is already there."""
-    from .stages.tiny import build_tiny_model, corpus_from_jsonl
+    """Build a tiny random-init model at spec.model.source (a local path) unless something is already there.
+
+    Its tokenizer learns the dataset's mapped columns as prepare reads them (no JSON keys or quotes), so a
+    malformed file fails here with prepare's one-line message.
+    """
+    import tempfile
+
+    from .stages.contract import StageError
+    from .stages.formats import NullValue, canonicalize, check_columns, corpus_texts
+    from .stages.sources import read_local_rows
+    from .stages.tiny import build_tiny_model
 
     target = local_path(job.spec.model.source, manifest.parent.resolve())
     if target.exists() and any(target.iterdir()):
         return None
-    data = local_path(job.spec.dataset.source, manifest.parent.resolve())
-    files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.is_file())
+    ds_spec = job.spec.dataset
+    field = "spec.dataset.source"
+    if "://" in ds_spec.source and not ds_spec.source.startswith("file://"):
+        problem = f"'{ds_spec.source}': --init-model trains its tokenizer on local data; use a path or file:// URI"
+        raise InvalidJobError([Problem(field, problem)], str(manifest))
+    data = local_path(ds_spec.source, manifest.parent.resolve())
+    if not data.exists():
+        problem = f"'{data}' does not exist: fix the path (relative paths are relative to the manifest's folder)"
+        raise InvalidJobError([Problem(field, problem)], str(manifest))
     texts: list[str] = []
-    for file in files:
-        texts += corpus_from_jsonl(file) if file.suffix == ".jsonl" else file.read_text().splitlines()
+    try:
+        with tempfile.TemporaryDirectory() as cache:
+            rows = read_local_rows(data, field, cache)
+            check_columns(ds_spec, list(rows.dataset.column_names), field)
+            for index, record in enumerate(rows.dataset):
+                try:
+                    canonical = canonicalize(ds_spec, record, index + 1, field)
+                except NullValue as exc:
+                    raise rows.explain_null(exc) from None
+                texts += corpus_texts(ds_spec.format, canonical)
+    except StageError as exc:
+        path, _, message = str(exc).partition(": ")
+        raise InvalidJobError([Problem(path, message)], str(manifest)) from None
     build_tiny_model(target, texts, preset=preset, tokenizer=tokenizer)  # type: ignore[arg-type]
     return target
 
@@ -263,6 +290,7 @@ def execute(
     *,
     fresh: bool = False,
     init: str | None = None,
+    init_tokenizer: str = "bpe",
     reporter: Reporter | None = None,
     now: Any = None,
 ) -> tuple[FineTuneJob, LocalRun]:
@@ -274,9 +302,13 @@ def execute(
         from .api.spec import FineTuneJobSpec
 
         early = FineTuneJob(metadata=raw.get("metadata") or {}, spec=FineTuneJobSpec.model_validate(raw["spec"]))
-        built = init_model(init, early, manifest)
+        built = init_model(init, early, manifest, init_tokenizer)
         if built:
-            reporter.event("Normal", "ModelInitialised", f"built a random-init {init} model at {built}")
+            reporter.event(
+                "Normal",
+                "ModelInitialised",
+                f"built a random-init {init} model ({init_tokenizer} tokenizer) at {built}",
+            )
     raw, spec, problems = load_job(manifest, target="local")
     for problem in problems:
         reporter.event("Warning", "Validation", problem.format())

@@ -181,6 +181,7 @@ def _absorb_summary(status: FineTuneJobStatus, stage: str, summary: dict[str, An
         status.metrics = MetricsStatus(
             base=summary["metrics"].get("base", {}),
             tuned=summary["metrics"].get("tuned", {}),
+            train=summary["metrics"].get("train", {}),
             gates=[GateResult.model_validate(g) for g in summary.get("gates", [])],
             gates_passed=summary.get("gatesPassed"),
             summary=summary.get("summary"),

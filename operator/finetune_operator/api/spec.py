@@ -10,8 +10,15 @@ from .base import NON_BLANK, ApiModel, DnsLabel, Quantity, Uri, cel, rules
 
 STAGES = ("prepare", "train", "evaluate", "export")
 Stage = Literal["prepare", "train", "evaluate", "export"]
-Metric = Literal["perplexity", "bleu", "rouge1", "rouge2", "rougeL", "exactMatch"]
+Metric = Literal["perplexity", "bleu", "rouge1", "rouge2", "rougeL", "exactMatch", "rewardAccuracy"]
 GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exactMatch")
+# Which metrics each objective's model can be scored by (the README's "Evaluation metrics per objective").
+METRICS_BY_OBJECTIVE: dict[str, tuple[str, ...]] = {
+    "sft": ("perplexity", *GENERATION_METRICS),
+    "dpo": ("perplexity", *GENERATION_METRICS),  # perplexity and references: the chosen answers
+    "grpo": ("perplexity", *GENERATION_METRICS),
+    "reward": ("rewardAccuracy",),  # a sequence classifier: it scores pairs, it neither predicts tokens nor generates
+}
 
 # Which roles `spec.dataset.columns` may map, per format. The value of each role is the data's column name.
 COLUMN_ROLES: dict[str, tuple[str, ...]] = {
@@ -473,9 +480,10 @@ class EvaluationSpec(ApiModel):
     enabled: bool = True
     """Run the evaluate stage."""
     metrics: Annotated[
-        list[Metric], Field(min_length=1, max_length=6, json_schema_extra={"x-kubernetes-list-type": "set"})
+        list[Metric], Field(min_length=1, max_length=7, json_schema_extra={"x-kubernetes-list-type": "set"})
     ] = Field(default_factory=lambda: ["perplexity"])
-    """Metrics to compute on the eval split: perplexity, bleu, rouge1, rouge2, rougeL, exactMatch."""
+    """Metrics to compute on the eval split: perplexity, bleu, rouge1, rouge2, rougeL, exactMatch (objectives sft,
+    dpo, grpo); rewardAccuracy (objective reward, which is always scored by it)."""
     max_samples: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     """Eval rows used (generation-based metrics are the slow ones)."""
     compare_base: bool = True
@@ -655,6 +663,19 @@ class FineTuneJobSpec(ApiModel):
             "|| self.evaluation.metrics.all(m, m == 'perplexity')",
             "bleu, rouge and exactMatch compare generations with references, which text data has none of: "
             "use format completion or chat, or evaluate perplexity only",
+            ".evaluation.metrics",
+        ),
+        cel(
+            "self.training.objective != 'reward' || !has(self.evaluation) "
+            "|| self.evaluation.metrics.all(m, m in ['perplexity', 'rewardAccuracy'])",
+            "a reward model scores pairs and does not generate: objective reward is evaluated by rewardAccuracy "
+            "(set spec.evaluation.metrics: [rewardAccuracy])",
+            ".evaluation.metrics",
+        ),
+        cel(
+            "self.training.objective == 'reward' || !has(self.evaluation) "
+            "|| !('rewardAccuracy' in self.evaluation.metrics)",
+            "rewardAccuracy scores a reward model's pairs: it applies to objective reward only",
             ".evaluation.metrics",
         ),
         cel(

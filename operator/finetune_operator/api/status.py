@@ -108,6 +108,8 @@ class MetricsStatus(ApiModel):
     """Metrics of the base model."""
     tuned: dict[str, float] = Field(default_factory=dict)
     """Metrics of the fine-tuned model."""
+    train: dict[str, float] = Field(default_factory=dict)
+    """The fine-tuned model's metrics on as many training rows: far above tuned means memorised, not learned."""
     gates: list[GateResult] = Field(default_factory=list)
     """One result per quality gate."""
     gates_passed: bool | None = None

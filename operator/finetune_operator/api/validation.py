@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from .base import API_VERSION, KIND, NON_BLANK, URI_PATTERN
 from .crd import open_api_schema
 from .names import DNS_1035_LABEL_PATTERN, MAX_NAME_LENGTH, NAME_FORMAT_MESSAGE, NAME_LENGTH_MESSAGE
-from .spec import FineTuneJobSpec
+from .spec import METRICS_BY_OBJECTIVE, FineTuneJobSpec
 
 Target = Literal["cluster", "local"]
 LOCAL_SCHEMES = ("file://", "/", "./", "../")
@@ -348,6 +348,14 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
             warn(f"spec.evaluation.gates[{i}]", f"{gate.metric} is lower-is-better: a max gate is usual")
         if gate.metric not in lower_is_better and gate.max is not None and gate.min is None:
             warn(f"spec.evaluation.gates[{i}]", f"{gate.metric} is higher-is-better: a min gate is usual")
+    ev = spec.evaluation
+    ignored = [m for m in ev.metrics if m not in METRICS_BY_OBJECTIVE[tr.objective]]
+    if ignored and "metrics" in ev.model_fields_set:  # the default [perplexity] is not the user's choice
+        warn(
+            "spec.evaluation.metrics",
+            f"{', '.join(ignored)} does not apply to objective {tr.objective} and is not computed; "
+            f"{tr.objective} is evaluated by {', '.join(METRICS_BY_OBJECTIVE[tr.objective])}",
+        )
     gen = spec.evaluation.generation
     if gen.temperature == 0 and gen.top_p < 1:
         warn("spec.evaluation.generation.topP", "ignored with temperature 0 (greedy decoding)")

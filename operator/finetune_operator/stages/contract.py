@@ -98,6 +98,11 @@ class Workdir:
         return self.data / "eval"
 
     @property
+    def train_sample(self) -> Path:
+        """Training rows shaped like the eval split: evaluate scores them to show memorisation."""
+        return self.data / "train-sample"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

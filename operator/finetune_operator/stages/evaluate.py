@@ -1,5 +1,8 @@
 """The evaluate stage: the base and the tuned model on the eval split, then the quality gates.
 
+The tuned model is also scored on as many training rows ("train"): a train score far above the eval score means
+the model memorised its rows rather than learned the task.
+
 perplexity uses the eval rows' loss masks (the same tokens training learned from); bleu, rouge and exactMatch
 generate from the eval prompts (greedy unless spec.evaluation.generation.temperature > 0) and compare with the
 references. Metric modules are the project's own Evaluate modules, loaded by path (no Hub).
@@ -132,7 +135,8 @@ def reward_accuracy(model: Any, tokenizer: Any, rows: Any, batch_size: int) -> d
             chunk = rows[start : start + batch_size]
             scores = {}
             for side in ("chosen", "rejected"):
-                texts = [p + "\n" + a for p, a in zip(chunk["prompt"], chunk[side], strict=True)]
+                # the one join prepare saved (formats.preference_texts), as the reward model was trained on it
+                texts = [p + a for p, a in zip(chunk["prompt"], chunk[side], strict=True)]
                 encoded = tokenizer(texts, return_tensors="pt", padding=True)
                 batch = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
                 scores[side] = model(**batch).logits.squeeze(-1)
@@ -144,7 +148,7 @@ def evaluate_model(config: StageConfig, model: Any, tokenizer: Any, rows: Any) -
     spec = config.spec
     batch = max(1, min(spec.training.batch_size * 2, 32))
     if spec.training.objective == "reward":
-        return reward_accuracy(model, tokenizer, rows, batch), []
+        return {k: round(float(v), ROUND) for k, v in reward_accuracy(model, tokenizer, rows, batch).items()}, []
     metrics: dict[str, float] = {}
     names = list(spec.evaluation.metrics)
     if "perplexity" in names:
@@ -180,10 +184,12 @@ def _gate_text(gate: dict[str, Any]) -> str:
     return f"{gate['metric']} = {gate['value']} (needs {bounds})"
 
 
-def summary_line(tuned: dict[str, float], base: dict[str, float]) -> str:
+def summary_line(tuned: dict[str, float], base: dict[str, float], train: dict[str, float] | None = None) -> str:
     for key in ("exactMatch", "rougeL", "bleu", "perplexity", "rewardAccuracy"):
         if key in tuned:
-            return f"{key} {tuned[key]:.4g}" + (f" (base {base[key]:.4g})" if key in base else "")
+            others = [f"{name} {values[key]:.4g}" for name, values in (("base", base), ("train", train or {}))
+                      if key in values]  # fmt: skip
+            return f"{key} {tuned[key]:.4g}" + (f" ({', '.join(others)})" if others else "")
     return ""
 
 
@@ -205,16 +211,21 @@ def run_evaluate(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
     results: dict[str, Any] = {"rows": len(rows)}
     predictions: dict[str, list[str]] = {}
     plan = (["base"] if spec.evaluation.compare_base else []) + ["tuned"]
+    train_rows = load_from_disk(str(workdir.train_sample)) if workdir.train_sample.exists() else None
     for which in plan:
         emit("step", "evaluate", message=f"evaluating the {which} model on {len(rows)} rows")
         model = load_for_inference(config, workdir, which)
         results[which], predictions[which] = evaluate_model(config, model, tokenizer, rows)
+        if which == "tuned" and train_rows is not None and len(train_rows):
+            # The same metrics on training rows: far above the eval score means memorised, not learned.
+            emit("step", "evaluate", message=f"scoring the tuned model on {len(train_rows)} training rows")
+            results["train"], _ = evaluate_model(config, model, tokenizer, train_rows)
         del model
 
-    tuned, base = results["tuned"], results.get("base", {})
+    tuned, base, train = results["tuned"], results.get("base", {}), results.get("train", {})
     gates = check_gates(config, tuned)
     passed = all(g["passed"] for g in gates)
-    results.update({"gates": gates, "gatesPassed": passed, "summary": summary_line(tuned, base)})
+    results.update({"gates": gates, "gatesPassed": passed, "summary": summary_line(tuned, base, train)})
     workdir.evaluation.mkdir(parents=True, exist_ok=True)
     (workdir.evaluation / "results.json").write_text(json.dumps(results, indent=2))
     if predictions.get("tuned"):
@@ -228,7 +239,7 @@ def run_evaluate(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
 
     failed = [g for g in gates if not g["passed"]]
     message = results["summary"] or "evaluated"
-    summary: dict[str, Any] = {"ok": passed, "metrics": {"base": base, "tuned": tuned}, "gates": gates,
+    summary: dict[str, Any] = {"ok": passed, "metrics": {"base": base, "tuned": tuned, "train": train}, "gates": gates,
                                "gatesPassed": passed, "summary": results["summary"]}  # fmt: skip
     if failed:
         summary.update(reason="GateFailed", exitCode=EXIT_GATE_FAILED,

@@ -250,7 +250,12 @@ def run_export(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
         record("adapter", "peft-adapter", adapter, "adapter")
     merged: Path | None = None
     if "merged" in formats or "onnx" in formats:
-        emit("step", "export", message="merging the adapter into the base model")
+        full = spec.method.type == "full"  # a full fine-tune has no adapter: its weights are the model
+        emit(
+            "step",
+            "export",
+            message="copying the fine-tuned model" if full else "merging the adapter into the base model",
+        )
         merged = merge_model(config, workdir, staging / "merged")
         AutoTokenizer.from_pretrained(str(workdir.tokenizer)).save_pretrained(str(merged))
         if "merged" in formats:

@@ -4,16 +4,21 @@ Canonical records, per format:
   text        {text}
   completion  {prompt, completion}                (prompt = prompt [+ "\n" + input], Alpaca style)
   chat        {messages: [{role, content}, ...]}  (roles normalised: human->user, gpt->assistant, ...)
-  preference  {prompt, chosen, rejected}          (HH-style rows without a prompt get it split off)
+  preference  {prompt, chosen, rejected}          (HH-style rows without a prompt get it split off at the last
+                                                   assistant turn the two transcripts share)
 
 Rendering for training (the same functions render the eval prompts, so evaluation sees what training saw):
   text        text + EOS, loss on every token
   completion  prompt + "\n" + completion + EOS, loss on the completion tokens only
   chat        the chat template, loss on the assistant turns only (character spans -> token offsets)
+  preference  one join for DPO, reward training, perplexity and generation (`preference_texts`): the chat
+              template's when the tokenizer has one (HH transcripts become turns), else prompt + "\n" + answer
+              (or the transcript as written when the answers start with whitespace)
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Any
 
@@ -62,11 +67,27 @@ def _normalizer(form: str):
     return lambda s: unicodedata.normalize(form, s)
 
 
+class NullValue(DataError):
+    """A required column is null in a row; the source may know it is missing from the row altogether."""
+
+    def __init__(self, field: str, row: int, column: str, role: str) -> None:
+        super().__init__(f"{field}: row {row}: column '{column}' ({role}) is empty (null); expected a string")
+        self.field, self.row, self.column, self.role = field, row, column, role
+
+    def missing(self, keys: list[str], where: str) -> DataError:
+        """The same problem told as a missing key, with the keys the row does have."""
+        return DataError(
+            f"{self.field}: row {self.row}{where}: has no key '{self.column}' ({self.role}); the row has keys: "
+            f"{', '.join(keys) or '(none)'}. Add the key, or map the {self.role} to another one with "
+            f"spec.dataset.columns.{self.role}"
+        )
+
+
 def _text(value: Any, role: str, column: str, row: int, field: str, *, optional: bool = False) -> str:
     if value is None:
         if optional:
             return ""
-        raise DataError(f"{field}: row {row}: column '{column}' ({role}) is empty (null); expected a string")
+        raise NullValue(field, row, column, role)
     if not isinstance(value, str):
         raise DataError(
             f"{field}: row {row}: column '{column}' ({role}) is a {type(value).__name__}; expected a string"
@@ -131,16 +152,91 @@ def canonicalize(spec: DatasetSpec, record: dict[str, Any], row: int, field: str
     chosen, rejected = get("chosen"), get("rejected")
     prompt = get("prompt", optional=True)
     if not prompt:
-        from trl.data_utils import extract_prompt
-
-        split = extract_prompt({"chosen": chosen, "rejected": rejected})
-        prompt, chosen, rejected = split["prompt"], split["chosen"], split["rejected"]
-        if not prompt.strip():
+        split = split_shared_prompt(chosen, rejected)
+        if split is None:
             raise DataError(
                 f"{field}: row {row}: no prompt column and chosen/rejected share no prompt prefix; "
                 "map the prompt with spec.dataset.columns.prompt"
             )
+        prompt, chosen, rejected = split
+    if system.strip():
+        prompt = f"{system}\n{prompt}"
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# A turn marker of a plain-text transcript ("\n\nHuman: ...\n\nAssistant: ..."), at the start of a line.
+TURN = re.compile(r"(?:^|\n+)[ \t]*(human|user|assistant)[ \t]*:", re.IGNORECASE)
+
+
+def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """Split two transcripts into the prompt they share and the two answers.
+
+    The cut is at the end of the last assistant-turn marker inside the shared text, never at the first differing
+    character: "Assistant: 8" and "Assistant: 80" share "Assistant: 8", yet both answers start after the marker.
+    Without turn markers the cut is at the last whitespace of the shared text, so no word is split.
+    """
+    pairs = enumerate(zip(chosen, rejected, strict=False))
+    shared = chosen[: next((i for i, (a, b) in pairs if a != b), min(len(chosen), len(rejected)))]
+    markers = [m for m in TURN.finditer(shared) if m.group(1).lower() == "assistant"]
+    cut = markers[-1].end() if markers else max(shared.rfind(" "), shared.rfind("\n"), shared.rfind("\t"))
+    if cut <= 0 or not shared[:cut].strip():
+        return None
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def transcript_messages(prompt: str) -> list[dict[str, str]] | None:
+    """An HH-style prompt ("Human: ... Assistant:") as chat messages, or None when it is not one."""
+    parts = TURN.split(prompt)
+    if len(parts) < 5 or parts[0].strip():
+        return None
+    messages = [
+        {"role": "assistant" if role.lower() == "assistant" else "user", "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+    if messages[-1] != {"role": "assistant", "content": ""}:
+        return None
+    return messages[:-1]
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def preference_texts(record: dict[str, Any], tokenizer: Any) -> dict[str, str]:
+    """The one join of a preference row: the prompt as the model is given it and the two answers that follow.
+
+    DPO and reward training, perplexity and generation all use it, so training and evaluation see the same text
+    (`prompt + chosen` is the chosen sequence; the tokenizer adds its special tokens as for any plain text).
+    """
+    prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+    if tokenizer.chat_template:
+        messages = transcript_messages(prompt) or [{"role": "user", "content": prompt.strip()}]
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        cut = len(tokenizer.bos_token) if _adds_bos(tokenizer) and head.startswith(tokenizer.bos_token) else 0
+
+        def answer(text: str) -> str:
+            turn = [*messages, {"role": "assistant", "content": text.strip()}]
+            through = tokenizer.apply_chat_template(turn, tokenize=False)
+            if through.startswith(head):
+                return through[len(head) :].rstrip()
+            return text.strip() + (tokenizer.eos_token or "")  # a template that is not prefix-stable
+
+        return {"prompt": head[cut:], "chosen": answer(chosen), "rejected": answer(rejected)}
+    # A transcript split off its answers keeps its own turn format; a prompt column gets the completion join.
+    joined = (chosen[:1].isspace() and rejected[:1].isspace()) or prompt[-1:].isspace()
+    return {"prompt": prompt if joined else prompt + "\n", "chosen": chosen, "rejected": rejected}
+
+
+def corpus_texts(fmt: str, record: dict[str, Any]) -> list[str]:
+    """The texts of a canonical record that a tokenizer built for this data should learn (no JSON keys)."""
+    if fmt == "text":
+        return [record["text"]]
+    if fmt == "completion":
+        return [f"{record['prompt']}\n{record['completion']}"]
+    if fmt == "chat":
+        return ["\n".join(f"<|{m['role']}|>\n{m['content']}" for m in record["messages"])]
+    return [record["prompt"] + record["chosen"], record["prompt"] + record["rejected"]]
 
 
 def is_empty(fmt: str, record: dict[str, Any]) -> bool:
@@ -155,8 +251,10 @@ def is_empty(fmt: str, record: dict[str, Any]) -> bool:
 
 def prompt_text(fmt: str, record: dict[str, Any], tokenizer: Any) -> str:
     """What the model is given at generation time (evaluation, GRPO)."""
-    if fmt == "completion" or fmt == "preference":
+    if fmt == "completion":
         return record["prompt"] + "\n"
+    if fmt == "preference":
+        return preference_texts(record, tokenizer)["prompt"]
     if fmt == "chat":
         history = record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"]
         return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
@@ -170,7 +268,7 @@ def reference_text(fmt: str, record: dict[str, Any]) -> str:
     if fmt == "chat":
         return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant")
     if fmt == "preference":
-        return record["chosen"]
+        return record["chosen"].strip()
     raise ValueError("text rows have no reference")
 
 
@@ -198,7 +296,10 @@ def render(fmt: str, record: dict[str, Any], tokenizer: Any) -> tuple[str, list[
                 return text, [(0, len(text))]
             spans.append((len(before), len(through)))
         return text, spans
-    raise ValueError("preference rows are tokenized by the preference trainers")
+    # preference: the chosen sequence, loss on the chosen answer (perplexity of what DPO pushes up)
+    texts = preference_texts(record, tokenizer)
+    answer = texts["chosen"] if texts["chosen"].endswith(eos) else texts["chosen"] + eos
+    return texts["prompt"] + answer, [(len(texts["prompt"]), len(texts["prompt"]) + len(answer))]
 
 
 def tokenize_batch(

@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from .contract import DataError, StageConfig, StageError, Workdir, emit
-from .formats import canonicalize, check_columns, is_empty, prompt_text, reference_text, tokenize_batch
-from .sources import fetch_model_dir, load_rows
+from .formats import (
+    NullValue,
+    canonicalize,
+    check_columns,
+    is_empty,
+    preference_texts,
+    prompt_text,
+    reference_text,
+    tokenize_batch,
+)
+from .sources import Rows, fetch_model_dir, load_rows
 
 DEFAULT_VALIDATION_FRACTION = 0.05
 PARALLEL_TOKENIZE_ROWS = 20_000
@@ -65,8 +74,9 @@ def load_tokenizer(config: StageConfig, workdir: Workdir, model_dir: Path) -> An
     return tokenizer
 
 
-def _canonical(config: StageConfig, raw: Any, field: str) -> Any:
+def _canonical(config: StageConfig, rows: Rows, field: str) -> Any:
     spec = config.spec.dataset
+    raw = rows.dataset
     check_columns(spec, list(raw.column_names), field)
 
     def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -78,7 +88,10 @@ def _canonical(config: StageConfig, raw: Any, field: str) -> Any:
             out["drop"].append("empty" if spec.cleaning.drop_empty and is_empty(spec.format, canonical) else "")
         return out
 
-    return raw.map(convert, batched=True, with_indices=True, remove_columns=raw.column_names)
+    try:
+        return raw.map(convert, batched=True, with_indices=True, remove_columns=raw.column_names)
+    except NullValue as exc:
+        raise rows.explain_null(exc) from None
 
 
 def _dedupe(drops: list[str], records: list[str]) -> list[str]:
@@ -101,17 +114,22 @@ def _tokenize(config: StageConfig, ds: Any, tokenizer: Any) -> Any:
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         records = [json.loads(r) for r in batch["record"]]
-        if fmt == "preference":
-            chosen = tokenizer([r["prompt"] + "\n" + r["chosen"] for r in records])["input_ids"]
-            rejected = tokenizer([r["prompt"] + "\n" + r["rejected"] for r in records])["input_ids"]
-            lengths = [max(len(a), len(b)) for a, b in zip(chosen, rejected, strict=True)]
-            return {"full_length": lengths, "label_tokens": [len(a) for a in chosen]}
         encoded = tokenize_batch(fmt, records, tokenizer, limit)
+        if fmt == "preference":
+            # input_ids/labels are the chosen sequence (perplexity); the longer answer decides the row's length.
+            joined = [preference_texts(r, tokenizer) for r in records]
+            rejected = tokenizer([t["prompt"] + t["rejected"] for t in joined])["input_ids"]
+            eos = tokenizer.eos_token or ""
+            answers = tokenizer([t["chosen"] for t in joined], add_special_tokens=False)["input_ids"]
+            for e, r, t, a in zip(encoded, rejected, joined, answers, strict=True):
+                e["full_length"] = max(e["full_length"], len(r) + (0 if t["rejected"].endswith(eos) else 1))
+                # The DPO trainer truncates long prompts itself (maxPromptLength): only an empty answer is unusable.
+                e["label_tokens"] = len(a)
         return {
             "input_ids": [e["input_ids"] for e in encoded],
             "labels": [e["labels"] for e in encoded],
             "full_length": [e["full_length"] for e in encoded],
-            "label_tokens": [sum(t != -100 for t in e["labels"]) for e in encoded],
+            "label_tokens": [e.get("label_tokens", sum(t != -100 for t in e["labels"])) for e in encoded],
         }
 
     workers = min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_TOKENIZE_ROWS else None
@@ -184,7 +202,8 @@ def _finish_columns(config: StageConfig, ds: Any, tokenizer: Any, *, is_eval: bo
         records = [json.loads(r) for r in batch["record"]]
         out: dict[str, list] = {}
         if fmt == "preference":
-            out = {k: [r[k] for r in records] for k in ("prompt", "chosen", "rejected")}
+            joined = [preference_texts(r, tokenizer) for r in records]
+            out = {k: [t[k] for t in joined] for k in ("prompt", "chosen", "rejected")}
             dpo = config.spec.training.dpo
             if dpo and dpo.max_prompt_length:
                 # Keep the end of long prompts: the turn being answered matters more than the opening.
@@ -241,7 +260,7 @@ def run_prepare(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
     emit("step", "prepare", message="loading and checking the data")
     scratch = workdir.data / "scratch"
     raw = load_rows(ds_spec.source, ds_spec.split, ds_spec.credentials, scratch, config, "spec.dataset.source")
-    rows_in = len(raw)
+    rows_in = len(raw.dataset)
     if rows_in == 0:
         raise DataError(f"spec.dataset.source: {ds_spec.source} has no rows")
     train = _canonical(config, raw, "spec.dataset.source")
@@ -301,7 +320,15 @@ def run_prepare(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
             lambda r: {"input_ids": r["input_ids"][:eval_limit], "labels": r["labels"][:eval_limit]}
         )
 
-    for target, ds in ((workdir.train_data, train_out), (workdir.eval_data, eval_out)):
+    # The same metrics on as many training rows show memorisation next to generalisation.
+    sample_size = min(len(train), len(eval_out), spec.evaluation.max_samples)
+    train_sample = _finish_columns(config, train.select(range(sample_size)), tokenizer, is_eval=True)
+    if packing:
+        train_sample = train_sample.map(
+            lambda r: {"input_ids": r["input_ids"][:eval_limit], "labels": r["labels"][:eval_limit]}
+        )
+    outputs = ((workdir.train_data, train_out), (workdir.eval_data, eval_out), (workdir.train_sample, train_sample))
+    for target, ds in outputs:
         if target.exists():
             shutil.rmtree(target)
         ds.save_to_disk(str(target))

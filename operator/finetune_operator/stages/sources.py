@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..api.spec import Credentials
-from .contract import StageConfig, StageError
+from .contract import DataError, StageConfig, StageError
+from .formats import NullValue
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -122,18 +124,141 @@ def _data_files(path: Path, field: str) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A loaded source: its rows (a `datasets.Dataset`, file order) and, for local files, where they came from."""
+
+    dataset: Any
+    builder: str | None = None
+    files: tuple[str, ...] = ()
+
+    def raw_record(self, row: int) -> tuple[str, int, Any] | None:
+        """(file, line, the row as written) for 1-based `row` of a JSON source; None for other sources.
+
+        datasets fills a key that a row lacks with null, so only the file tells "missing" from "null".
+        """
+        if self.builder != "json":
+            return None
+        seen = 0
+        for name in self.files:
+            path = Path(name)
+            try:
+                whole = json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else None
+            except json.JSONDecodeError:
+                whole = None  # a .json file holding JSON lines
+            if isinstance(whole, list):
+                if row - seen <= len(whole):
+                    return name, 0, whole[row - seen - 1]
+                seen += len(whole)
+                continue
+            with path.open(encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        seen += 1
+                        if seen == row:
+                            return name, line_number, json.loads(line)
+        return None
+
+    def explain_null(self, exc: NullValue) -> DataError:
+        """datasets fills keys a JSON row lacks with null: tell the user which of the two it really is."""
+        found = self.raw_record(exc.row)
+        if found is None or not isinstance(found[2], dict) or exc.column in found[2]:
+            return exc
+        name, line, record = found
+        place = [Path(name).name] if len(self.files) > 1 else []
+        place += [f"line {line}"] if line else []
+        return exc.missing(list(record), f" ({', '.join(place)})" if place else "")
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _json_problem(path: Path) -> str | None:
+    """Why a JSON / JSON-lines file cannot be read as rows, with its line; None when it looks fine."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text (byte {exc.start}): save it as UTF-8"
+    if not text.strip():
+        return "the file is empty"
+    if path.suffix == ".json" and text.lstrip()[:1] in "[{":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as exc:
+            first = text.lstrip().splitlines()[0]
+            if not _parses_as_object(first):  # a JSON document, not JSON lines: report where it breaks
+                return f"line {exc.lineno}: invalid JSON ({_lower_first(exc.msg)})"
+        else:
+            if isinstance(whole, list):
+                bad = next((i for i, item in enumerate(whole) if not isinstance(item, dict)), None)
+                if bad is not None:
+                    return f"item {bad + 1} of the array is a {type(whole[bad]).__name__}; expected an object per row"
+                return None
+            if isinstance(whole, dict):
+                return None
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {line_number}: invalid JSON ({_lower_first(exc.msg)})"
+        if not isinstance(value, dict):
+            return f"line {line_number}: a JSON {type(value).__name__}; expected one object per line"
+    return None
+
+
+def _parses_as_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def read_local_rows(path: Path, field: str, cache: str) -> Rows:
+    """Rows of a local file or folder, with the reason and line when a file is malformed."""
+    import datasets
+
+    builder, files = _data_files(path, field)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache)
+    except Exception as exc:  # datasets raises a zoo of parser errors; all mean the file is malformed
+        if builder == "json":
+            for name in files:
+                problem = _json_problem(Path(name))
+                if problem:
+                    raise DataError(f"{field}: {_where(path, name)}{problem}") from None
+        cause = _root_cause(exc)
+        raise DataError(
+            f"{field}: cannot read {path} as {builder}: {type(cause).__name__}: {cause}".rstrip(": ")
+        ) from exc
+    return Rows(dataset, builder, tuple(files))
+
+
+def _where(source: Path, name: str) -> str:
+    """Nothing for a single-file source (the field names it); the file's name inside a folder source."""
+    return "" if Path(name) == source else f"{Path(name).relative_to(source)}: "
+
+
 def load_rows(
     uri: str, split: str, credentials: Credentials | None, scratch: Path, config: StageConfig, field: str
-) -> Any:
-    """Load a dataset source as a `datasets.Dataset` (rows in file order)."""
+) -> Rows:
+    """Load a dataset source (rows in file order)."""
     import datasets
 
     cache = str(scratch / ".datasets-cache")
     loc = parse_location(uri, config)
     if loc.scheme == "hf":
         try:
-            return datasets.load_dataset(
-                loc.path, split=split, token=token_for("dataset", credentials), cache_dir=cache
+            return Rows(
+                datasets.load_dataset(loc.path, split=split, token=token_for("dataset", credentials), cache_dir=cache)
             )
         except Exception as exc:
             raise StageError(f"{field}: cannot load Hub dataset {loc.path} split {split}: {exc}") from exc
@@ -143,8 +268,4 @@ def load_rows(
         path = Path(loc.path)
         if not path.exists():
             raise StageError(f"{field}: {path} does not exist", config_error=True)
-    builder, files = _data_files(path, field)
-    try:
-        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache)
-    except Exception as exc:  # datasets raises a zoo of parser errors; all mean the file is malformed
-        raise StageError(f"{field}: cannot parse {path} as {builder}: {exc}", config_error=True) from exc
+    return read_local_rows(path, field, cache)

@@ -1,9 +1,9 @@
 """Small random-init causal LMs with tokenizers trained on a given corpus.
 
 The offline quickstart, the tests and the benchmarks need a real Hugging Face model directory without the Hub:
-this builds one (a GPT-2 config, random weights, a fast BPE tokenizer trained with `tokenizers` or a
-SentencePiece tokenizer trained with `sentencepiece`) and saves it with `save_pretrained`, so every stage loads
-it exactly as it would load a downloaded model.
+this builds one (a GPT-2 config, random weights, a fast BPE tokenizer trained with `tokenizers`, a
+SentencePiece tokenizer trained with `sentencepiece`, or a byte-level character tokenizer for string tasks) and
+saves it with `save_pretrained`, so every stage loads it exactly as it would load a downloaded model.
 """
 
 from __future__ import annotations
@@ -76,6 +76,30 @@ def _bpe_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
+def _char_tokenizer():
+    """One token per byte (so per character for ASCII): a tiny model sees every letter of every word.
+
+    A BPE tokenizer trained on a small dataset turns most words into single tokens, which makes string tasks
+    (spell, reverse, change case, count letters) unlearnable for a model that never saw those words' letters.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS.values(), *alphabet])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS.values()))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+    )
+
+
 def _sentencepiece_tokenizer(texts: list[str], vocab_size: int, workdir: Path):
     import sentencepiece as spm
     from transformers import LlamaTokenizerFast
@@ -123,7 +147,7 @@ def build_tiny_model(
     texts: Iterable[str],
     *,
     preset: str = "tiny-gpt2",
-    tokenizer: Literal["bpe", "sentencepiece"] = "bpe",
+    tokenizer: Literal["bpe", "sentencepiece", "char"] = "bpe",
     seed: int = 0,
     n_positions: int = 512,
 ) -> Path:
@@ -140,6 +164,8 @@ def build_tiny_model(
     with tempfile.TemporaryDirectory() as scratch:
         if tokenizer == "bpe":
             tok = _bpe_tokenizer(corpus, dims["vocab_size"])
+        elif tokenizer == "char":
+            tok = _char_tokenizer()
         else:
             tok = _sentencepiece_tokenizer(corpus, dims["vocab_size"], Path(scratch))
         tok.chat_template = CHAT_TEMPLATE

@@ -294,8 +294,9 @@ def build_trainer(config: StageConfig, workdir: Workdir, tokenizer: Any, precisi
         from trl import RewardConfig, RewardTrainer
 
         args = RewardConfig(**common, max_length=spec.dataset.max_seq_length)
+        # prepare saved the one join (formats.preference_texts): a sequence is prompt + answer, as DPO sees it.
         pairs = train.map(
-            lambda r: {"chosen": r["prompt"] + "\n" + r["chosen"], "rejected": r["prompt"] + "\n" + r["rejected"]},
+            lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
             remove_columns=train.column_names,
         )
         return RewardTrainer(
