@@ -429,7 +429,7 @@ def execute(
         _, early_spec, _ = load_job(manifest, target="local", model_to_build=True)
         built = init_model(init, FineTuneJob(metadata={}, spec=early_spec), manifest)
         if built:
-            reporter.event("Normal", "ModelInitialised", f"built a random-init {init} model at {built}")
+            reporter.event("Normal", "ModelInitialised", f"built a random-init {init} model at {_shown(built)}")
     raw, spec, problems = load_job(manifest, target="local")
     for problem in problems:
         reporter.event("Warning", "Validation", problem.format())
