@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -118,13 +119,19 @@ def figures(record: dict[str, Any]) -> str:
             )
     block = "\n".join(["```console", f"$ {' '.join(COMMAND)}", *latest["output"], "```"])
     return (
-        f"{block}\n\nThe figures above and below come from one run of `python scripts/quickstart_figures.py` "
-        f"({latest['measuredAt']}), which runs the command in a scratch copy and writes this section. The run "
-        f"(prepare, train {latest['steps']} steps, evaluate base and tuned, export merged + ONNX + Triton) took "
-        f"{' and '.join(times)}; exact match went from {base['exactMatch']:g} (base) to {tuned['exactMatch']:g}, "
-        f"loss from {base['loss']:.4g} to {tuned['loss']:.4g} and perplexity from {base['perplexity']:.4g} to "
-        f"{tuned['perplexity']:.4g}. The numbers are the same on every run of the same versions (seeded data "
-        f"order and initialisation); the times are not."
+        block
+        + "\n\n"
+        + textwrap.fill(
+            f"The figures above and below come from one run of `python scripts/quickstart_figures.py` "
+            f"({latest['measuredAt']}), which runs the command in a scratch copy and writes this section. The run "
+            f"(prepare, train {latest['steps']} steps, evaluate base and tuned, export merged + ONNX + Triton) took "
+            f"{' and '.join(times)}; exact match went from {base['exactMatch']:g} (base) to {tuned['exactMatch']:g}, "
+            f"loss from {base['loss']:.4g} to {tuned['loss']:.4g} and perplexity from {base['perplexity']:.4g} to "
+            f"{tuned['perplexity']:.4g}. Data order and initialisation are seeded; the times depend on the machine.",
+            width=115,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
     )
 
 
