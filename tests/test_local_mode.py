@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -150,13 +151,33 @@ def test_a_failed_run_is_retried_by_the_same_command_after_the_fix(tmp_path, cap
     assert status.phase == "Succeeded" and status.run == 1 and status.stages.prepare.state == "Succeeded"
     assert [a.name for a in status.artifacts] == ["merged", "serving-config"]
 
+    prepared = (tmp_path / "out" / ".work" / "run-1" / "summaries" / "prepare.json").stat().st_mtime
+    assert main(["run", str(manifest), "--fresh", "-q"]) == 0  # --fresh starts over: every stage runs again
+    assert (tmp_path / "out" / ".work" / "run-1" / "summaries" / "prepare.json").stat().st_mtime > prepared
+    assert "already succeeded" not in capsys.readouterr().out
 
-def _start(manifest: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "finetune_operator", "run", str(manifest), *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+@pytest.fixture
+def start(tmp_path):
+    """Start `finetune-operator run` as a user would; whatever the test's outcome, stop it and its stages."""
+    started: list[subprocess.Popen] = []
+
+    def launch(manifest: Path, *extra: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "finetune_operator", "run", str(manifest), *extra]
+        started.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        return started[-1]
+
+    yield launch
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    for line in _stage_processes(tmp_path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 600) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[0]
@@ -178,14 +199,14 @@ def _stage_processes(tmp: Path) -> list[str]:
     return found
 
 
-def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start):
     """What `timeout`, systemd, a CI runner or `kill` send: the stages stop, the run is Suspended, and resumes."""
     manifest = make_job(
         tmp_path,
         training={"maxSteps": 400, "loggingSteps": 10, "checkpointEverySteps": 20},
         evaluation={"enabled": False, "gates": []},
     )
-    proc = _start(manifest, "--init-model", "micro", "-q")
+    proc = start(manifest, "--init-model", "micro", "-q")
     _wait_for(tmp_path / "out" / ".work" / "run-1" / "train" / "checkpoints" / "checkpoint-20", proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -201,15 +222,12 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
     assert summary["resumedFrom"].startswith("checkpoint-") and summary["steps"] == 400
     assert FineTuneJobStatus.model_validate(status_of(tmp_path)).phase == "Succeeded"
 
-    assert main(["run", str(manifest), "--fresh", "-q", "--init-model", "micro"]) == 0
-    summary = json.loads((tmp_path / "out" / ".work" / "run-1" / "summaries" / "train.json").read_text())
-    assert summary["resumedFrom"] is None  # --fresh started over
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
-def test_ctrl_c_and_a_closed_terminal_stop_like_sigterm(tmp_path, signum):
+def test_ctrl_c_and_a_closed_terminal_stop_like_sigterm(tmp_path, start, signum):
     manifest = make_job(tmp_path, training={"maxSteps": 100000}, evaluation={"enabled": False, "gates": []})
-    proc = _start(manifest, "--init-model", "micro", "-q")
+    proc = start(manifest, "--init-model", "micro", "-q")
     _wait_for(tmp_path / "out" / ".work" / "run-1" / "train.log", proc)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
