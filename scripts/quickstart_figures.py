@@ -107,15 +107,20 @@ def duration(seconds: float) -> str:
 
 
 def figures(record: dict[str, Any]) -> str:
-    latest = record["latest"]
+    latest = record.get("latest")
+    if latest is None:
+        return (
+            f"```console\n$ {' '.join(COMMAND)}\n```\n\nNo measured run is recorded in benchmarks/quickstart.json "
+            "yet: `python scripts/quickstart_figures.py` runs the quickstart and writes its output and figures here."
+        )
     base, tuned = latest["metrics"]["base"], latest["metrics"]["tuned"]
     times = []
     for kind in ("idle", "busy"):
         run = record["runs"].get(kind)
         if run:
             times.append(
-                f"{duration(run['seconds'])} on a {kind} machine ({run['cpus']} cores, mean load "
-                f"{run['meanLoad']}, {run['measuredAt'][:10]})"
+                f"{duration(run['seconds'])} on {'an' if kind == 'idle' else 'a'} {kind} machine "
+                f"({run['cpus']} cores, mean load {run['meanLoad']}, {run['measuredAt'][:10]})"
             )
     block = "\n".join(["```console", f"$ {' '.join(COMMAND)}", *latest["output"], "```"])
     return (
