@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,7 @@ def run_quickstart() -> dict[str, Any]:
         sampler.start()
         program = shutil.which("finetune-operator")
         command = COMMAND if program else [sys.executable, "-m", "finetune_operator", *COMMAND[1:]]
-        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+        done = run_stoppable(command, root, env)
         seconds = time.monotonic() - started
         stop.set()
         if done.returncode != 0:
@@ -83,6 +84,23 @@ def run_quickstart() -> dict[str, Any]:
         "prepare": status["stages"]["prepare"]["message"],
         "output": condense(output),
     }
+
+
+def run_stoppable(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run the quickstart; if this script is stopped, stop it the same way (it then stops its stage processes)."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def condense(output: str) -> list[str]:
