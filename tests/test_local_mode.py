@@ -203,11 +203,11 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start):
     """What `timeout`, systemd, a CI runner or `kill` send: the stages stop, the run is Suspended, and resumes."""
     manifest = make_job(
         tmp_path,
-        training={"maxSteps": 400, "loggingSteps": 10, "checkpointEverySteps": 20},
+        training={"maxSteps": 100, "loggingSteps": 10, "checkpointEverySteps": 10},
         evaluation={"enabled": False, "gates": []},
     )
     proc = start(manifest, "--init-model", "micro", "-q")
-    _wait_for(tmp_path / "out" / ".work" / "run-1" / "train" / "checkpoints" / "checkpoint-20", proc)
+    _wait_for(tmp_path / "out" / ".work" / "run-1" / "train" / "checkpoints" / "checkpoint-10", proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
@@ -219,7 +219,7 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start):
 
     assert main(["run", str(manifest), "-q"]) == 0
     summary = json.loads((tmp_path / "out" / ".work" / "run-1" / "summaries" / "train.json").read_text())
-    assert summary["resumedFrom"].startswith("checkpoint-") and summary["steps"] == 400
+    assert summary["resumedFrom"].startswith("checkpoint-") and summary["steps"] == 100
     assert FineTuneJobStatus.model_validate(status_of(tmp_path)).phase == "Succeeded"
 
 
