@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -73,7 +74,7 @@ def status_of(tmp: Path) -> dict:
 
 def test_quickstart_sibling_runs_end_to_end(tmp_path, capsys):
     manifest = make_job(tmp_path, export={"formats": ["merged", "onnx"], "serving": {"runtime": "triton"}})
-    assert main(["run", str(manifest), "--init-model", "micro"]) == 0
+    assert main(["run", str(manifest), "--init-model", "micro", "-o", "yaml"]) == 0
     printed = capsys.readouterr().out
     assert "status:" in printed and "phase: Succeeded" in printed
     raw = status_of(tmp_path)
@@ -96,65 +97,145 @@ def test_quickstart_sibling_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "out" / "triton" / "words" / "config.pbtxt").exists()
     assert status.lineage.dataset_fingerprint and status.lineage.config_hash
 
-    # Running it again changes nothing: finished stages are not rerun.
+    # Running it again changes nothing and says so: finished stages are not rerun, no status YAML by default.
     before = (tmp_path / "out" / ".work" / "run-1" / "summaries" / "train.json").stat().st_mtime
-    assert main(["run", str(manifest), "-q"]) == 0
+    assert main(["run", str(manifest)]) == 0
+    printed = capsys.readouterr().out
+    assert "words run 1 already succeeded" in printed and "phase:" not in printed
     assert (tmp_path / "out" / ".work" / "run-1" / "summaries" / "train.json").stat().st_mtime == before
 
     # A spec change after completion starts run 2 and keeps run 1 in the history.
-    manifest.write_text(manifest.read_text().replace("maxSteps: 600", "maxSteps: 599"))
+    make_job(tmp_path, training={"maxSteps": 5}, evaluation={"enabled": False, "gates": []})
     assert main(["run", str(manifest), "-q"]) == 0
     status = FineTuneJobStatus.model_validate(status_of(tmp_path))
     assert status.run == 2 and status.runs[0].run == 1 and status.runs[0].phase == "Succeeded"
     assert not (tmp_path / "out" / ".work" / "run-1").exists()
 
 
-def test_a_failed_gate_ends_failed_without_export(tmp_path):
+def test_a_failed_gate_ends_failed_without_export_in_one_line(tmp_path, capsys):
     manifest = make_job(tmp_path, training={"maxSteps": 5}, evaluation={"compareBase": False})
     assert main(["run", str(manifest), "--init-model", "micro", "-q"]) == 1
     status = FineTuneJobStatus.model_validate(status_of(tmp_path))
     assert status.phase == "Failed" and status.stages.evaluate.state == "Failed" and status.stages.export is None
     assert next(c for c in status.conditions if c.type == "Ready").reason == "GateFailed"
     assert status.metrics.gates[0].passed is False and not (tmp_path / "out" / "merged").exists()
+    printed = capsys.readouterr()
+    assert "phase:" not in printed.out  # the status YAML stays in status.yaml (`-o yaml` prints it)
+    log = tmp_path / "out" / ".work" / "run-1" / "evaluate.log"
+    assert printed.err.splitlines()[-1] == (
+        f"error: evaluate failed: quality gate failed: exactMatch = {status.metrics.gates[0].value} "
+        f"(needs min 0.5) (log: {log}; after the fix, the same command retries evaluate)"
+    )
 
 
-def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
-    manifest = make_job(tmp_path, training={"maxSteps": 1500, "loggingSteps": 10}, evaluation={"gates": []})
-    command = [sys.executable, "-m", "finetune_operator", "run", str(manifest), "--init-model", "micro", "-q"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoints = tmp_path / "out" / ".work" / "run-1" / "train" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not (checkpoints / "checkpoint-200").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out
-    assert "run the same command again to resume" in out
+def test_a_failed_run_is_retried_by_the_same_command_after_the_fix(tmp_path, capsys):
+    """Fixing the data (not the spec) and running the same command retries the failed stage, not `phase: Failed`."""
+    manifest = make_job(tmp_path, training={"maxSteps": 3}, evaluation={"enabled": False, "gates": []})
+    data = tmp_path / "data" / "train.jsonl"
+    good = data.read_text()
+    rows = good.splitlines()
+    rows[6] = json.dumps({"instruction": "Give the first word.", "input": "red cat", "output": 7})
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["run", str(manifest), "--init-model", "micro"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: prepare failed: spec.dataset.source: row 7: column 'output'")
+    assert last.endswith(f"(log: {tmp_path / 'out' / '.work' / 'run-1' / 'prepare.log'}; after the fix, "
+                         "the same command retries prepare)")  # fmt: skip
+    assert status_of(tmp_path)["phase"] == "Failed"  # the whole status is kept in status.yaml
+
+    data.write_text(good)
+    assert main(["run", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "run 1 failed at prepare: retrying prepare and what follows" in out
     status = FineTuneJobStatus.model_validate(status_of(tmp_path))
-    assert status.phase == "Training" and status.stages.prepare.state == "Succeeded"
-    assert not any(p.name == "python" for p in _children(proc.pid))  # no orphaned stage processes
+    assert status.phase == "Succeeded" and status.run == 1 and status.stages.prepare.state == "Succeeded"
+    assert [a.name for a in status.artifacts] == ["merged", "serving-config"]
 
-    assert main(["run", str(manifest), "-q"]) == 0
-    summary = json.loads((tmp_path / "out" / ".work" / "run-1" / "summaries" / "train.json").read_text())
-    assert summary["resumedFrom"].startswith("checkpoint-") and summary["steps"] == 1500
-    assert FineTuneJobStatus.model_validate(status_of(tmp_path)).phase == "Succeeded"
-
-    assert main(["run", str(manifest), "--fresh", "-q", "--init-model", "micro"]) == 0
-    summary = json.loads((tmp_path / "out" / ".work" / "run-1" / "summaries" / "train.json").read_text())
-    assert summary["resumedFrom"] is None  # --fresh started over
+    prepared = (tmp_path / "out" / ".work" / "run-1" / "summaries" / "prepare.json").stat().st_mtime
+    assert main(["run", str(manifest), "--fresh", "-q"]) == 0  # --fresh starts over: every stage runs again
+    assert (tmp_path / "out" / ".work" / "run-1" / "summaries" / "prepare.json").stat().st_mtime > prepared
+    assert "already succeeded" not in capsys.readouterr().out
 
 
-def _children(pid: int) -> list[Path]:
+@pytest.fixture
+def start(tmp_path):
+    """Start `finetune-operator run` as a user would; whatever the test's outcome, stop it and its stages."""
+    started: list[subprocess.Popen] = []
+
+    def launch(manifest: Path, *extra: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "finetune_operator", "run", str(manifest), *extra]
+        started.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        return started[-1]
+
+    yield launch
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    for line in _stage_processes(tmp_path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, f"{path} did not appear in {seconds} s"
+        time.sleep(0.1)
+
+
+def _stage_processes(tmp: Path) -> list[str]:
+    """Processes still running a stage of this test's job (their command line names its workdir)."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                stat = (proc / "stat").read_text().split()
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if int(stat[3]) == pid:
-                found.append(proc)
+            if "finetune_operator.stages" in cmdline and str(tmp) in cmdline:
+                found.append(f"{proc.name}: {cmdline}")
     return found
+
+
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start):
+    """What `timeout`, systemd, a CI runner or `kill` send: the stages stop, the run is Suspended, and resumes."""
+    manifest = make_job(
+        tmp_path,
+        training={"maxSteps": 100, "loggingSteps": 10, "checkpointEverySteps": 10},
+        evaluation={"enabled": False, "gates": []},
+    )
+    proc = start(manifest, "--init-model", "micro", "-q")
+    _wait_for(tmp_path / "out" / ".work" / "run-1" / "train" / "checkpoints" / "checkpoint-10", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by SIGTERM" in out and "run the same command again to resume" in out
+    assert _stage_processes(tmp_path) == []  # the stage's process group went with it
+    status = FineTuneJobStatus.model_validate(status_of(tmp_path))
+    assert status.phase == "Suspended" and status.stages.prepare.state == "Succeeded"
+    assert status.stages.train.state == "Pending" and "SIGTERM" in status.message
+
+    assert main(["run", str(manifest), "-q"]) == 0
+    summary = json.loads((tmp_path / "out" / ".work" / "run-1" / "summaries" / "train.json").read_text())
+    assert summary["resumedFrom"].startswith("checkpoint-") and summary["steps"] == 100
+    assert FineTuneJobStatus.model_validate(status_of(tmp_path)).phase == "Succeeded"
+
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_ctrl_c_and_a_closed_terminal_stop_like_sigterm(tmp_path, start, signum):
+    manifest = make_job(tmp_path, training={"maxSteps": 100000}, evaluation={"enabled": False, "gates": []})
+    proc = start(manifest, "--init-model", "micro", "-q")
+    _wait_for(tmp_path / "out" / ".work" / "run-1" / "train.log", proc)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, out
+    assert f"stopped by {signal.Signals(signum).name}" in out
+    assert _stage_processes(tmp_path) == []
+    status = FineTuneJobStatus.model_validate(status_of(tmp_path))
+    assert status.phase == "Suspended" and status.stages.train.state == "Pending"
 
 
 def test_two_workers_train_as_two_rendezvous_processes(tmp_path):

@@ -20,6 +20,9 @@ from finetune_operator.stages.runner import run_stage
 
 from .conftest import first_word_rows, local_spec, stage_config, write_jsonl
 
+# Real training runs of the ML stack: CI runs them; `-m "not slow"` (the quick loop) leaves them out.
+pytestmark = pytest.mark.slow
+
 LEARN = {"maxSteps": 600, "learningRate": 0.005, "batchSize": 16, "loggingSteps": 100, "checkpointEverySteps": 1000}
 METRICS = {"metrics": ["perplexity", "exactMatch", "bleu", "rougeL"], "generation": {"maxNewTokens": 4}}
 

@@ -17,6 +17,9 @@ from finetune_operator.stages.runner import run_stage
 
 from .conftest import first_word_rows, local_spec, stage_config, write_jsonl
 
+# Real training runs of the ML stack: CI runs them; `-m "not slow"` (the quick loop) leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def run(tmp: Path, spec: dict, *stages: str) -> dict:
     config = stage_config(tmp, spec)

@@ -7,6 +7,21 @@ import os
 import sys
 from pathlib import Path
 
+# The `--init-model` presets (stages/tiny.py PRESETS), described for --help without importing the ML stack.
+PRESET_HELP = {
+    "micro": "~0.1M parameters, 2 layers (tests; seconds per 100 steps)",
+    "tiny-gpt2": "~3M parameters, 4 layers (the quickstart; learns its word task in ~500 steps)",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("finetune-operator")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
 
 def _cmd_crd(args: argparse.Namespace) -> int:
     from .api.crd import CHART_CRD_FILE, CRD_FILE, render_crd
@@ -36,7 +51,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .api.validation import iter_manifest_files, load_documents, validate_object
 
     errors = warnings = jobs = 0
-    for path in iter_manifest_files(Path(p) for p in args.files):
+    for given in map(Path, args.files):
+        if not given.exists():
+            print(f"{given}: does not exist")
+            errors += 1
+        elif given.is_dir() and not any(iter_manifest_files([given])):
+            print(f"{given}: the folder holds no .yaml or .yml files")
+    for path in iter_manifest_files(Path(p) for p in args.files if Path(p).exists()):
         try:
             docs = load_documents(path)
         except (OSError, yaml.YAMLError) as exc:
@@ -51,7 +72,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 continue  # other kinds (and status files) in the same folder are not ours to judge
             jobs += 1
             source = f"{path}" if len(docs) == 1 else f"{path}[{index}]"
-            _, problems = validate_object(doc, target=args.target, base_dir=path.parent.resolve())
+            _, problems = validate_object(
+                doc, target=args.target, base_dir=path.parent.resolve(), model_to_build=bool(args.init_model)
+            )
             for problem in problems:
                 if problem.severity == "warning" and args.quiet:
                     continue
@@ -60,6 +83,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             warnings += sum(p.severity == "warning" for p in problems)
     sys.stdout.flush()
     print(f"{jobs} FineTuneJob(s) checked: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    if jobs == 0:
+        print("no FineTuneJob found (other kinds are skipped; --strict-kinds checks them too)", file=sys.stderr)
     return 1 if errors or jobs == 0 else 0
 
 
@@ -84,9 +109,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
             print(problem.format(exc.source), file=sys.stderr)
         return 1
     metadata = dict(raw.get("metadata") or {})
-    if args.namespace:
-        metadata["namespace"] = args.namespace
-    metadata.setdefault("namespace", "default")
+    named = metadata.get("namespace")
+    if args.namespace and named and named != args.namespace:
+        # What `kubectl apply -n` does too: a manifest's own namespace is never silently replaced.
+        print(
+            f"{args.file}: metadata.namespace is '{named}' but --namespace says '{args.namespace}': "
+            "drop one of them (--namespace only fills in a namespace the manifest does not name)",
+            file=sys.stderr,
+        )
+        return 1
+    metadata["namespace"] = named or args.namespace or "default"
     job = FineTuneJob(metadata=metadata, spec=spec)
     settings = OperatorSettings(trainer_image=args.image) if args.image else OperatorSettings()
     objects = render(job, args.stage or None, settings)
@@ -119,32 +151,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .api.validation import InvalidJobError
     from .live import RichReporter
-    from .local import execute
+    from .local import Interrupted, LocalRunError, execute, failure_line, stop_on_signals
 
-    reporter = RichReporter()
+    reporter = RichReporter(tables=not args.quiet)
     try:
-        job, run = execute(
-            Path(args.file),
-            fresh=args.fresh,
-            init=args.init_model,
-            init_tokenizer=args.init_tokenizer,
-            reporter=reporter,
-        )
+        with stop_on_signals():
+            job, run = execute(
+                Path(args.file),
+                fresh=args.fresh,
+                init=args.init_model,
+                init_tokenizer=args.init_tokenizer,
+                reporter=reporter,
+            )
     except InvalidJobError as exc:
         for problem in exc.problems:
             print(problem.format(exc.source), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        reporter.console.print("[yellow]stopped[/]: run the same command again to resume (--fresh starts over)")
-        return 130
-    if not args.quiet:
+    except LocalRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        reason = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+        reporter.console.print(
+            f"[yellow]stopped[/] by {reason}: the stage processes were stopped and the run is Suspended; "
+            "run the same command again to resume (--fresh starts over)"
+        )
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
+    if args.output == "yaml":
         print(yaml.safe_dump({"status": job.status.wire()}, sort_keys=False))
-    reporter.console.print(f"status written to {run.status_file}")
-    return 0 if job.status.phase == "Succeeded" else 1
+    reporter.console.print(f"status written to {run.status_file}", soft_wrap=True)
+    if job.status.phase != "Succeeded":
+        print(failure_line(job, run), file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     crd = sub.add_parser("crd", help="print the FineTuneJob CRD generated from the API models")
@@ -168,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--quiet", "-q", action="store_true", help="print errors only")
     validate.add_argument("--strict-kinds", action="store_true", help="treat other kinds as FineTuneJobs too")
+    validate.add_argument(
+        "--init-model",
+        metavar="PRESET",
+        choices=list(PRESET_HELP),
+        help="with --target local: spec.model.source may not exist yet, as `run --init-model PRESET` builds it",
+    )
     validate.set_defaults(func=_cmd_validate)
 
     render = sub.add_parser("render", help="print the objects the operator would create for a FineTuneJob")
@@ -188,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--init-model",
         metavar="PRESET",
-        choices=["micro", "tiny-gpt2"],
-        help="build a random-init model of this size at spec.model.source if nothing is there yet (offline)",
+        choices=list(PRESET_HELP),
+        help="build a random-init GPT-2 and a tokenizer trained on the dataset at spec.model.source if nothing is "
+        "there yet (offline; no Hub): " + "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items()),
     )
     run.add_argument(
         "--init-tokenizer",
@@ -198,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the tokenizer --init-model trains on the dataset's columns: bpe (default), sentencepiece, or char "
         "(one token per character: lets a tiny model learn string tasks such as spelling or reversing words)",
     )
-    run.add_argument("--quiet", "-q", action="store_true", help="do not print the final status YAML")
+    run.add_argument(
+        "-o", "--output", choices=["yaml"], help="also print the final status (the CR's status schema) as YAML"
+    )
+    run.add_argument("--quiet", "-q", action="store_true", help="no result tables, only the outcome")
     run.set_defaults(func=_cmd_run)
 
     op = sub.add_parser("operator", help="run the operator against the current cluster (kopf)")

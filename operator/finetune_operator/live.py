@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -14,14 +15,16 @@ from .planner import format_eta
 
 
 class RichReporter(Reporter):
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, *, tables: bool = True) -> None:
         self.console = console or Console()
+        self.tables = tables
         self.progress: Progress | None = None
         self.task: TaskID | None = None
 
     def event(self, kind: str, reason: str, message: str) -> None:
         style = "yellow" if kind == "Warning" else "cyan"
-        self.console.print(f"[{style}]{reason}[/] {message}")
+        # soft_wrap: a log line stays one line (paths and messages are not broken at the console width).
+        self.console.print(f"[{style}]{reason}[/] {escape(message)}", soft_wrap=True)
 
     def stage_started(self, stage: str) -> None:
         if not self.console.is_terminal:
@@ -75,7 +78,11 @@ class RichReporter(Reporter):
 
     def finished(self, status: FineTuneJobStatus) -> None:
         colour = "green" if status.phase == "Succeeded" else "red"
-        self.console.rule(f"[{colour}]{status.phase}[/] run {status.run}: {status.message or ''}")
+        # A failure's message ends the run as one line of its own (see `finetune-operator run`).
+        outcome = f": {status.message}" if status.phase == "Succeeded" and status.message else ""
+        self.console.rule(f"[{colour}]{status.phase}[/] run {status.run}{outcome}")
+        if not self.tables:
+            return
         if status.metrics and (status.metrics.tuned or status.metrics.base):
             table = Table(title="Evaluation", show_lines=False)
             table.add_column("metric")
@@ -98,10 +105,20 @@ class RichReporter(Reporter):
                         "yes" if g.passed else "[red]no[/]",
                     )
                 self.console.print(gates)
-        if status.artifacts:
+        if status.artifacts and not self.console.is_terminal:
+            # A log or a pipe: one whole line per artifact, so a path is never cut to the table's width.
+            self.console.print("Artifacts")
+            for a in status.artifacts:
+                self.console.print(
+                    f"  {a.name}: {a.uri} (sha256 {a.sha256[:16]}, {a.size_bytes / 1e6:.1f} MB)",
+                    soft_wrap=True,
+                    markup=False,
+                    highlight=False,
+                )
+        elif status.artifacts:
             table = Table(title="Artifacts")
             for column in ("name", "uri", "sha256", "size"):
-                table.add_column(column)
+                table.add_column(column, overflow="fold")
             for a in status.artifacts:
                 table.add_row(a.name, a.uri, a.sha256[:16], f"{a.size_bytes / 1e6:.1f} MB")
             self.console.print(table)

@@ -4,15 +4,19 @@ Only the executor differs from the cluster: each stage the planner starts runs a
 stage program (a train stage with `workers: N` as N processes wired with the same rendezvous environment), and
 what the planner observes is read from the stage summaries in the workdir. Status is kept in
 <output>/status.yaml in the CR's status schema, so running the same command again resumes: finished stages are
-not rerun and train continues from its last checkpoint.
+not rerun, train continues from its last checkpoint, and a run that failed retries the failed stage and the
+ones after it (the fix is usually outside the spec: the data, an installed package). SIGINT, SIGTERM and SIGHUP
+stop the stage processes and leave the run Suspended, ready to resume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,11 +32,66 @@ import yaml
 from .api.job import FineTuneJob
 from .api.status import FINISHED_PHASES, FineTuneJobStatus
 from .api.validation import InvalidJobError, Problem, load_job, local_path
-from .planner import Observed, ObservedStage, Plan, config_hash, plan
+from .planner import Observed, ObservedStage, Plan, config_hash, plan, stages_for
 from .stages.contract import EXIT_CONFIG_ERROR, EXIT_GATE_FAILED, StageConfig, Workdir, parse_line
 
 STATUS_FILE = "status.yaml"
 WORK_DIR = ".work"
+# What the stage programs import; the operator-only install (`pip install .`) has none of them.
+ML_STACK = ("torch", "transformers", "datasets", "peft", "trl")
+INSTALL_ML_STACK = "pip install 'finetune-operator[train]' (from a clone: pip install -e '.[train]')"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class LocalRunError(Exception):
+    """A problem that stops a local run before any stage starts; its message is the one line a person sees."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (Ctrl-C, `timeout`, `kill`, systemd, a CI runner, a closed terminal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Any:
+    """Turn SIGINT, SIGTERM and SIGHUP into `Interrupted` so all three stop the stages the same way.
+
+    Only the first signal interrupts: the ones that follow arrive while the stage process groups are being
+    stopped (bounded by a timeout), and interrupting that would orphan them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def check_ml_stack() -> None:
+    missing = [name for name in ML_STACK if importlib.util.find_spec(name) is None]
+    if missing:
+        raise LocalRunError(
+            f"the local mode runs the training stages on this machine and needs the ML stack "
+            f"({', '.join(missing)} not installed): {INSTALL_ML_STACK}"
+        )
 
 
 @dataclass
@@ -208,19 +267,27 @@ def run_stage_processes(job: FineTuneJob, run: LocalRun, stage: str, reporter: R
         reporter.event("Warning", "StageRetry", f"{stage} exited with {code}; retry {attempt}/{limit}")
     if code != 0 and not work.summary_file(stage).exists():
         # A crash before the stage wrote its summary still has to reach the planner as a failure.
-        tail = (work.root / f"{stage}.log").read_text()[-1500:]
         work.summary_file(stage).parent.mkdir(parents=True, exist_ok=True)
         work.summary_file(stage).write_text(
             json.dumps(
-                {
-                    "stage": stage,
-                    "run": job.status.run,
-                    "ok": False,
-                    "message": f"exit code {code}: {tail.strip()[-500:]}",
-                }
+                {"stage": stage, "run": job.status.run, "ok": False,
+                 "message": crash_message(code, (work.root / f"{stage}.log").read_text()[-20_000:])}
             )
-        )
+        )  # fmt: skip
     return code
+
+
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)|[A-Za-z_][\w.]*Error)\b.*")
+
+
+def crash_message(code: int, log_tail: str) -> str:
+    """One line for a stage that died without a summary: how it ended and the exception it printed last."""
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    if code == -signal.SIGKILL:
+        how += " (out of memory?)"
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip() and parse_line(line) is None]
+    cause = next((line for line in reversed(lines) if EXCEPTION_LINE.match(line)), lines[-1] if lines else "")
+    return f"{how}: {cause[:400]}" if cause else how
 
 
 def with_suppressed(action: Any) -> None:
@@ -240,6 +307,94 @@ def load_status(run: LocalRun) -> FineTuneJobStatus | None:
     if not run.status_file.exists():
         return None
     return FineTuneJobStatus.model_validate(yaml.safe_load(run.status_file.read_text()) or {})
+
+
+def _mark_interrupted(run: LocalRun, job: FineTuneJob, stage: str | None, reason: str) -> None:
+    """Leave the run Suspended: the interrupted stage starts again (train from its checkpoint) on the next run."""
+    status = job.status
+    if status.phase in FINISHED_PHASES:
+        return
+    if stage:
+        summary = run.workdir(status.run).summary_file(stage)
+        # A stage killed by us may have reported its own death as a failure: that is not a result to keep.
+        if summary.exists() and not json.loads(summary.read_text()).get("ok"):
+            summary.unlink()
+        record = getattr(status.stages, stage)
+        if record is not None:
+            record.state, record.message = "Pending", f"stopped by {reason}; resumes on the next run"
+    status.phase = "Suspended"
+    status.message = f"interrupted by {reason}: run the same command again to resume (--fresh starts over)"
+    for condition in status.conditions:
+        if condition.type == "Suspended":
+            condition.status, condition.reason, condition.message = "True", "Interrupted", status.message
+        elif condition.type == "Reconciling":
+            condition.status, condition.reason, condition.message = "False", "Interrupted", ""
+    save_status(run, status)
+
+
+def _retry_failed_run(run: LocalRun, job: FineTuneJob, reporter: Reporter) -> None:
+    """A failed run of an unchanged spec retries its failed stage and what follows (a changed spec is a new run)."""
+    status = job.status
+    if status.phase != "Failed" or not status.lineage or status.lineage.config_hash != config_hash(job.spec):
+        return
+    sequence = stages_for(job.spec)
+    failed = next((s for s in sequence if (r := getattr(status.stages, s)) is not None and r.state == "Failed"), None)
+    if failed is None:
+        return  # e.g. the active deadline ran out: retrying would fail the same way; --fresh starts over
+    work = run.workdir(status.run)
+    for stage in sequence[sequence.index(failed) :]:
+        work.summary_file(stage).unlink(missing_ok=True)
+        setattr(status.stages, stage, None)
+    if failed in ("evaluate", "export"):
+        status.artifacts, status.serving_config = [], None
+    if failed == "evaluate":
+        status.metrics = None
+    status.phase, status.current_stage, status.completion_time = "Pending", failed, None
+    status.message = f"retrying {failed} after the failure"
+    reporter.event(
+        "Normal",
+        "Retrying",
+        f"run {status.run} failed at {failed}: retrying {failed} and what follows (--fresh starts over)",
+    )
+
+
+def failure_line(job: FineTuneJob, run: LocalRun) -> str:
+    """The one line that ends a failed run: what failed, the fix when known, where the stage log is."""
+    status = job.status
+    stage = status.current_stage
+    record = getattr(status.stages, stage) if stage else None
+    what = " ".join((record.message if record and record.message else status.message or "failed").split())
+    if len(what) > 600:
+        what = what[:600] + "..."
+    line = f"error: {stage} failed: {what}" if record else f"error: {what}"
+    fix = known_fix(what)
+    if fix:
+        line += f"; fix: {fix}"
+    if record:
+        log = run.workdir(status.run).root / f"{stage}.log"
+        line += f" (log: {_shown(log)}; after the fix, the same command retries {stage})"
+    return line
+
+
+def known_fix(message: str) -> str | None:
+    if "No module named" in message:
+        return INSTALL_ML_STACK
+    if "out of memory" in message.lower():
+        return (
+            "lower spec.training.batchSize (raise gradientAccumulationSteps to keep the effective batch) "
+            "or spec.dataset.maxSeqLength"
+        )
+    if "No space left on device" in message:
+        return "free disk space where spec.output.uri points"
+    return None
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it is below it (what a person would type)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def init_model(preset: str, job: FineTuneJob, manifest: Path, tokenizer: str = "bpe") -> Path | None:
@@ -294,20 +449,18 @@ def execute(
     reporter: Reporter | None = None,
     now: Any = None,
 ) -> tuple[FineTuneJob, LocalRun]:
-    """Run (or resume) the FineTuneJob in `manifest` until it succeeds or fails."""
+    """Run (or resume, or retry) the FineTuneJob in `manifest` until it succeeds, fails or is interrupted."""
     reporter = reporter or Reporter()
     clock = now or (lambda: dt.datetime.now(dt.UTC))
+    check_ml_stack()
     if init:
-        raw = yaml.safe_load(manifest.read_text())
-        from .api.spec import FineTuneJobSpec
-
-        early = FineTuneJob(metadata=raw.get("metadata") or {}, spec=FineTuneJobSpec.model_validate(raw["spec"]))
-        built = init_model(init, early, manifest, init_tokenizer)
+        _, early_spec, _ = load_job(manifest, target="local", model_to_build=True)
+        built = init_model(init, FineTuneJob(metadata={}, spec=early_spec), manifest, init_tokenizer)
         if built:
             reporter.event(
                 "Normal",
                 "ModelInitialised",
-                f"built a random-init {init} model ({init_tokenizer} tokenizer) at {built}",
+                f"built a random-init {init} model ({init_tokenizer} tokenizer) at {_shown(built)}",
             )
     raw, spec, problems = load_job(manifest, target="local")
     for problem in problems:
@@ -319,28 +472,44 @@ def execute(
     status = load_status(run) or FineTuneJobStatus()
     metadata = {**(raw.get("metadata") or {}), "generation": _generation(status, spec)}
     job = FineTuneJob(metadata=metadata, spec=spec, status=status)
-    previous_phase = job.status.phase
-    while True:
-        result: Plan = plan(job, observe(run, job), clock())
-        if result.delete_other_runs or result.cleanup:
-            _clean(run, job, result)
-        job.status = result.status
-        save_status(run, job.status)
-        for event in result.events:
-            reporter.event(event.type, event.reason, event.message)
-        if result.start:
-            reporter.stage_started(result.start)
-            try:
-                run_stage_processes(job, run, result.start, reporter)
-            finally:
-                reporter.stage_finished(result.start)
-            continue
-        if job.status.phase in FINISHED_PHASES:
-            break
-        if result.delete_other_runs:
-            continue
-        raise RuntimeError(f"the planner made no progress in phase {job.status.phase}: {job.status.message}")
-    if previous_phase not in FINISHED_PHASES or job.status.phase != previous_phase:
+    _retry_failed_run(run, job, reporter)
+    previous = (job.status.phase, job.status.run)
+    stage: str | None = None
+    try:
+        while True:
+            result: Plan = plan(job, observe(run, job), clock())
+            if result.delete_other_runs or result.cleanup:
+                _clean(run, job, result)
+            job.status = result.status
+            save_status(run, job.status)
+            for event in result.events:
+                reporter.event(event.type, event.reason, event.message)
+            if result.start:
+                stage = result.start
+                reporter.stage_started(stage)
+                try:
+                    run_stage_processes(job, run, stage, reporter)
+                finally:
+                    reporter.stage_finished(stage)
+                stage = None
+                continue
+            if job.status.phase in FINISHED_PHASES:
+                break
+            if result.delete_other_runs:
+                continue
+            raise RuntimeError(f"the planner made no progress in phase {job.status.phase}: {job.status.message}")
+    except KeyboardInterrupt as exc:
+        reason = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+        _mark_interrupted(run, job, stage or job.status.current_stage, reason)
+        raise
+    if previous == ("Succeeded", job.status.run) and job.status.phase == "Succeeded":
+        reporter.event(
+            "Normal",
+            "AlreadySucceeded",
+            f"{job.name} run {job.status.run} already succeeded ({job.status.completion_time}); nothing to do: "
+            "--fresh starts over, a changed spec starts a new run",
+        )
+    if previous[0] not in FINISHED_PHASES or job.status.phase != previous[0] or previous[1] != job.status.run:
         reporter.finished(job.status)
     return job, run
 

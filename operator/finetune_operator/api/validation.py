@@ -278,7 +278,10 @@ def _locations(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
     return found
 
 
-def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | None = None) -> list[Problem]:
+def semantic_problems(
+    spec: FineTuneJobSpec, target: Target, base_dir: Path | None = None, *, model_to_build: bool = False
+) -> list[Problem]:
+    """`model_to_build`: `run --init-model` will create spec.model.source, so it need not exist yet."""
     problems: list[Problem] = []
 
     def error(path: str, msg: str) -> None:
@@ -304,12 +307,19 @@ def semantic_problems(spec: FineTuneJobSpec, target: Target, base_dir: Path | No
             target == "local"
             and _is_local(uri)
             and path != "spec.output.uri"
+            and not (model_to_build and path == "spec.model.source")
             and not local_path(uri, base_dir).exists()
         ):
+            build = (
+                " or let `finetune-operator run --init-model tiny-gpt2` build a random-init model there "
+                "(`validate --init-model` accepts that)"
+                if path == "spec.model.source"
+                else ""
+            )
             error(
                 path,
                 f"'{local_path(uri, base_dir)}' does not exist: fix the path (relative paths are "
-                "relative to the manifest's folder)",
+                f"relative to the manifest's folder){build}",
             )
 
     if spec.model.source.startswith("hf://") and not spec.model.revision:
@@ -398,7 +408,12 @@ def _name_problems(meta: Any) -> list[Problem]:
 
 
 def validate_object(
-    obj: Any, *, target: Target = "cluster", base_dir: Path | None = None, old: dict[str, Any] | None = None
+    obj: Any,
+    *,
+    target: Target = "cluster",
+    base_dir: Path | None = None,
+    old: dict[str, Any] | None = None,
+    model_to_build: bool = False,
 ) -> tuple[FineTuneJobSpec | None, list[Problem]]:
     """Validate one FineTuneJob object. Returns the parsed spec (None when invalid) and every problem found."""
     problems: list[Problem] = []
@@ -433,7 +448,7 @@ def validate_object(
         defaulted["status"] = old["status"]
     problems.extend(p for p in _cel_problems(_schema(), defaulted, "", old) if p not in problems)
     if not any(p.severity == "error" for p in problems):
-        problems.extend(semantic_problems(spec, target, base_dir))
+        problems.extend(semantic_problems(spec, target, base_dir, model_to_build=model_to_build))
     ok = not any(p.severity == "error" for p in problems)
     return (spec if ok else None), problems
 
@@ -456,17 +471,29 @@ def iter_manifest_files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def load_job(path: Path, *, target: Target = "local") -> tuple[dict[str, Any], FineTuneJobSpec, list[Problem]]:
+def load_job(
+    path: Path, *, target: Target = "local", model_to_build: bool = False
+) -> tuple[dict[str, Any], FineTuneJobSpec, list[Problem]]:
     """Read the single FineTuneJob in a manifest file and validate it; raises InvalidJobError."""
+    if path.is_dir():
+        inside = list(iter_manifest_files([path]))
+        hint = f": give a manifest file, e.g. {inside[0]}" if inside else " with no .yaml files: give a manifest file"
+        raise InvalidJobError([Problem("(file)", f"is a folder{hint}")], str(path))
     try:
         docs = [d for d in load_documents(path) if isinstance(d, dict) and d.get("kind") == KIND]
+    except FileNotFoundError as exc:
+        raise InvalidJobError([Problem("(file)", "does not exist: check the path")], str(path)) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidJobError([Problem("(file)", f"cannot be read: {exc}")], str(path)) from exc
     except yaml.YAMLError as exc:
         raise InvalidJobError([Problem("(file)", f"is not valid YAML: {exc}")], str(path)) from exc
     if len(docs) != 1:
         raise InvalidJobError(
             [Problem("(file)", f"holds {len(docs)} FineTuneJobs; give a file with exactly one")], str(path)
         )
-    spec, problems = validate_object(docs[0], target=target, base_dir=path.parent.resolve())
+    spec, problems = validate_object(
+        docs[0], target=target, base_dir=path.parent.resolve(), model_to_build=model_to_build
+    )
     if spec is None:
         raise InvalidJobError(problems, str(path))
     return docs[0], spec, problems

@@ -68,6 +68,23 @@ def merge_model(config: StageConfig, workdir: Workdir, target: Path) -> Path:
     return target
 
 
+def save_tokenizer(workdir: Workdir, target: Path) -> None:
+    """Save the tokenizer users load next to an artifact, listing only the inputs training fed the model.
+
+    GPT-2-style tokenizers list `token_type_ids` among their model inputs, and GPT-2, GPT-Neo, GPT-J, CodeGen
+    and others add token-type embeddings when given them: the standard
+    `model.generate(**tok(prompt, return_tensors="pt"))` and `pipeline()` would then run the model on inputs
+    it was never trained with and generate other text. No stage feeds `token_type_ids`, so none is exported.
+    """
+    from transformers import AutoTokenizer
+
+    names = AutoTokenizer.from_pretrained(str(workdir.tokenizer)).model_input_names
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(workdir.tokenizer), model_input_names=[n for n in names if n != "token_type_ids"]
+    )
+    tokenizer.save_pretrained(str(target))
+
+
 def export_onnx(config: StageConfig, merged: Path, target: Path) -> dict[str, Any]:
     """Optimum ONNX export with past key values, then an onnxruntime vs PyTorch logits check."""
     from optimum.exporters.onnx import main_export
@@ -78,6 +95,7 @@ def export_onnx(config: StageConfig, merged: Path, target: Path) -> dict[str, An
         opset=onnx_spec.opset if onnx_spec else None, device="cpu", do_validation=False,
         trust_remote_code=config.spec.model.trust_remote_code, local_files_only=True,
     )  # fmt: skip
+    save_tokenizer_from(merged, target)
     check = compare_logits(merged, target / ONNX_FILE, onnx_spec.tolerance if onnx_spec else 1e-3)
     if not check["passed"]:
         raise StageError(
@@ -88,6 +106,13 @@ def export_onnx(config: StageConfig, merged: Path, target: Path) -> dict[str, An
     if onnx_spec and onnx_spec.quantize == "dynamic-int8":
         quantized = quantize_dynamic_int8(target)
     return {"check": check, "quantized": quantized}
+
+
+def save_tokenizer_from(merged: Path, target: Path) -> None:
+    """The merged folder's (already cleaned) tokenizer, whatever Optimum chose to copy."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(merged)).save_pretrained(str(target))
 
 
 def _onnx_feeds(session: Any, input_ids: Any) -> dict[str, Any]:
@@ -247,6 +272,7 @@ def run_export(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
         emit("step", "export", message="adapter")
         adapter = staging / "adapter"
         shutil.copytree(workdir.final, adapter, ignore=shutil.ignore_patterns("training_args.bin", "finetune-*.json"))
+        save_tokenizer(workdir, adapter)
         record("adapter", "peft-adapter", adapter, "adapter")
     merged: Path | None = None
     if "merged" in formats or "onnx" in formats:
@@ -257,7 +283,7 @@ def run_export(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
             message="copying the fine-tuned model" if full else "merging the adapter into the base model",
         )
         merged = merge_model(config, workdir, staging / "merged")
-        AutoTokenizer.from_pretrained(str(workdir.tokenizer)).save_pretrained(str(merged))
+        save_tokenizer(workdir, merged)  # Optimum copies it into the ONNX export from here
         if "merged" in formats:
             record("merged", "safetensors", merged, "merged")
     onnx_dir: Path | None = None
