@@ -58,16 +58,19 @@ class KubeApi:
             raise
         return True
 
-    def _delete(self, fn: Any, *args: Any) -> None:
+    def _delete(self, fn: Any, *args: Any, propagation: str = "Background") -> None:
         try:
-            fn(*args, propagation_policy="Background")
+            fn(*args, propagation_policy=propagation)
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     def delete_stage(self, namespace: str, name: str) -> None:
-        """Delete one stage's Job (its pods go with it), ConfigMap, Service and PodGroup."""
-        self._delete(self.batch.delete_namespaced_job, name, namespace)
+        """Delete one stage's Job (its pods go with it), ConfigMap, Service and PodGroup.
+
+        Foreground: the Job stays (terminating) until its pods are gone, so the next attempt's Job of the same name
+        is created only then: no old worker still saving into the workspace or answering the rendezvous address."""
+        self._delete(self.batch.delete_namespaced_job, name, namespace, propagation="Foreground")
         self._delete(self.core.delete_namespaced_config_map, f"{name}-config", namespace)
         self._delete(self.core.delete_namespaced_service, name, namespace)
         try:
