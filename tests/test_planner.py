@@ -95,7 +95,7 @@ def test_the_stages_run_in_order_and_results_land_in_status():
     assert conditions(result) == {
         "Ready": "True", "Succeeded": "True", "Failed": "False", "Suspended": "False", "PrepareComplete": "True",
         "TrainComplete": "True", "EvaluateComplete": "True", "ExportComplete": "True", "Reconciling": "False",
-        "Stalled": "False"}  # fmt: skip
+        "Stalled": "False", "Synced": "True"}  # fmt: skip
     assert [e.reason for e in result.events] == ["StageSucceeded", "Succeeded"]
 
 
@@ -216,6 +216,7 @@ def test_a_spec_change_after_completion_starts_a_new_run():
     assert step(job, {}, other_runs=True).delete_other_runs  # keeps asking until they are gone
     result = step(job, {})
     assert result.start == "prepare" and result.status.run == 2 and result.status.observed_generation == 2
+    assert [e.message for e in result.events] == ["run 2: prepare started (demo-prepare)"]  # not run 1's words
 
 
 def test_an_allowed_change_while_running_applies_to_the_next_stage():
@@ -231,8 +232,10 @@ def test_a_run_defining_change_while_suspended_supersedes_the_run():
     job = make_job()
     step(job, {"prepare": done("prepare"), "train": RUNNING})
     job.spec.run_policy.suspend = True
+    job.metadata["generation"] = 2
     step(job, {"prepare": done("prepare"), "train": RUNNING})
     job.spec.dataset.max_seq_length = 2048
+    job.metadata["generation"] = 3
     result = step(job, {"prepare": done("prepare")}, other_runs=True)
     assert result.status.run == 2 and result.status.runs[-1].phase == "Superseded" and result.delete_other_runs
 
@@ -281,3 +284,60 @@ def test_a_failed_job_whose_pod_is_not_seen_yet_waits_for_the_reason():
     assert result.status.phase == "Preparing" and result.requeue_after
     failed = ObservedStage(exists=True, failed=True, attempts=1, summary={"ok": False, "message": "row 4: bad"})
     assert step(job, {"prepare": failed}).status.message == "prepare failed: row 4: bad"
+
+
+def test_a_new_run_starts_on_a_new_generation_only_not_on_a_new_hash():
+    """An operator upgrade that resolves the same spec to another hash (a new defaulted field) retrains nothing."""
+    job = make_job(evaluation={"enabled": False})
+    seen = {s: done(s) for s in ("prepare", "train", "export")}
+    step(job, seen)
+    finished = job.status.model_copy(deep=True)
+    job.status.lineage.config_hash = "an older operator's hash of the same spec"
+    result = step(job, seen)
+    assert result.status.run == 1 and result.start is None and not result.delete_other_runs and not result.events
+    assert result.status.lineage.config_hash == "an older operator's hash of the same spec"  # the run's own lineage
+    job.status = finished
+    job.spec.run_policy.ttl_seconds_after_finished = 3600  # an edit outside what a run makes
+    job.metadata["generation"] = 2
+    result = step(job, seen)
+    assert result.status.run == 1 and result.status.observed_generation == 2 and not result.delete_other_runs
+    job.spec.training.learning_rate = 1e-5
+    job.metadata["generation"] = 3
+    assert step(job, seen, other_runs=True).status.run == 2
+
+
+def test_a_stage_hand_off_is_one_status_change_not_two():
+    """The status planned when a stage's Job is created is the one planned when that Job is then seen running."""
+    job = make_job()
+    step(job, {"prepare": RUNNING})
+    created = step(job, {"prepare": done("prepare")}, now=T0 + dt.timedelta(seconds=1))
+    assert created.start == "train"
+    seen_running = plan(job, Observed(stages={"prepare": done("prepare"), "train": RUNNING}), T0 + dt.timedelta(2))
+    assert seen_running.start is None and seen_running.status.wire() == created.status.wire()
+    assert created.status.message == "train running"
+
+
+def test_the_planner_reads_no_clock_a_finished_train_is_stamped_with_the_time_given():
+    job = make_job()
+    step(job, {"prepare": done("prepare"), "train": RUNNING})
+    later = T0 + dt.timedelta(hours=3)
+    first = plan(job, Observed(stages={"prepare": done("prepare"), "train": done("train")}), later)
+    again = plan(job, Observed(stages={"prepare": done("prepare"), "train": done("train")}), later)
+    assert first.status.progress.updated_at == "2026-11-26T15:00:00Z" and first.status.progress.step == 10
+    assert first.status.wire() == again.status.wire()
+
+
+def test_an_api_error_shows_as_synced_false_without_recording_the_failed_plan():
+    from finetune_operator.planner import report_api_error
+
+    job = make_job()
+    step(job, {"prepare": RUNNING})  # stored; the next plan (train's start) is then not carried out
+    message = "create Job ml/demo-train: 500 Internal Server Error: etcdserver: request timed out"
+    status = report_api_error(job, message, T0 + dt.timedelta(minutes=1))
+    synced = next(c for c in status.conditions if c.type == "Synced")
+    assert (synced.status, synced.reason, synced.message) == ("False", "ApiError", message)
+    assert synced.last_transition_time == "2026-11-26T12:01:00Z"
+    assert status.stages.train is None and status.phase == "Preparing"  # nothing claimed that did not happen
+    job.status = status
+    recovered = step(job, {"prepare": done("prepare")}, now=T0 + dt.timedelta(minutes=2))
+    assert recovered.start == "train" and conditions(recovered)["Synced"] == "True"

@@ -95,11 +95,20 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
+    from .cluster.kube import KubeConfigError
     from .controller import run_operator
 
     try:
-        run_operator(args.namespace or [], args.liveness, args.peering, args.metrics_port or None, args.priority)
-    except ValueError as exc:  # operator settings from the environment (the chart's values)
+        run_operator(
+            args.namespace or [],
+            args.liveness,
+            args.peering,
+            args.metrics_port or None,
+            args.priority,
+            kubeconfig=args.kubeconfig,
+            context=args.context,
+        )
+    except (ValueError, KubeConfigError) as exc:  # the chart's values, or no cluster to talk to
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -181,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     op = sub.add_parser("operator", help="run the operator against the current cluster (kopf)")
     op.add_argument("--namespace", "-n", action="append", help="watch only this namespace (repeatable)")
+    op.add_argument(
+        "--kubeconfig",
+        help="kubeconfig file (default: $KUBECONFIG, else the pod's service account, else ~/.kube/config)",
+    )
+    op.add_argument("--context", help="kubeconfig context to use (default: the current context)")
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint")
     op.add_argument("--peering", help="kopf peering name (for more than one replica); default: standalone")
     op.add_argument(

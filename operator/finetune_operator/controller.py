@@ -2,38 +2,87 @@
 
 Event-driven, without kopf daemons or timers (those put a finalizer on every object): any change of a
 FineTuneJob, or of one of its stage Jobs or pods, reconciles that FineTuneJob at once, so a stage starts within a
-second of the previous Job completing. One background loop reconciles active jobs every few seconds for what has
-no event: training progress from the log tail, the active deadline and the TTL after finishing.
+second of the previous Job completing. Events that arrive while a job is being reconciled are folded into one more
+pass, not queued one by one. One background loop revisits, concurrently, what has no event: training progress from
+the log tail, the active deadline, the TTL after finishing, and jobs whose last reconcile failed.
+
+kopf logs and drops an exception from an `on.event` handler; so no handler lets one escape: a failed reconcile
+is retried here with backoff, and after a few failures the job shows the API error (condition `Synced` False and a
+Warning Event).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import concurrent.futures
+import contextvars
 import datetime as dt
+import functools
 import logging
 import os
 import random
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import kopf
 from pydantic import ValidationError
 
 from .api.base import GROUP, PLURAL, VERSION
 from .api.job import FineTuneJob
-from .api.status import ACTIVE_PHASES, FineTuneJobStatus
+from .api.status import ACTIVE_PHASES, FINISHED_PHASES, FineTuneJobStatus
 from .cluster.build import build_stage
 from .cluster.context import BuildContext, OperatorSettings, child_name
-from .cluster.kube import KubeApi
+from .cluster.kube import ApiCallError, KubeApi, KubeConfigError, KubeSource, check_reachable, load_configuration
 from .cluster.observe import observe
 from .cluster.plugins.storage import workspace_claim, workspace_pvc
 from .cluster.telemetry import OperatorMetrics
-from .planner import Plan, plan
+from .planner import Plan, plan, report_api_error
 
 LABEL = "finetune.dev/job"
 POLL_SECONDS = float(os.environ.get("FINETUNE_POLL_SECONDS", "5"))
+REPORT_AFTER = 3
+"""Failed reconciles in a row (each after its own API retries) before the job shows the error."""
+RETRY_BASE_SECONDS = 1.0
+RETRY_CAP_SECONDS = 60.0
+API_THREADS = 16
+"""Worker threads for the blocking client: enough that slow calls of some jobs do not queue the others'."""
 Key = tuple[str, str]
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Failure:
+    count: int = 0
+    error: str = ""
+    reported: bool = False
+
+
+@dataclass
+class State:
+    """What the handlers share (kopf hands each handler a shallow copy of the memo: this object is shared)."""
+
+    api: KubeApi
+    executor: concurrent.futures.ThreadPoolExecutor
+    running: set[Key] = field(default_factory=set)
+    again: set[Key] = field(default_factory=set)
+    failures: dict[Key, Failure] = field(default_factory=dict)
+    retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    due: dict[Key, float] = field(default_factory=dict)
+    """Monotonic time a finished job wants its next visit (its TTL), from the plan's requeue_after."""
+    gone: set[str] = field(default_factory=set)
+    """uids of FineTuneJobs seen deleted: nothing is created for them any more."""
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    logs: dict[Key, tuple[str, str]] = field(default_factory=dict)
+    """The last train log tail read per job: (pod, tail). Reads run beside reconciles, never inside them."""
+    reading: set[Key] = field(default_factory=set)
+    read_at: dict[Key, float] = field(default_factory=dict)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
 
 @kopf.on.startup()
@@ -43,16 +92,56 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.finetune.dev")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    memo.api = memo.get("api") or KubeApi()
+    settings.watching.client_timeout = 330  # a watch that went silent is reopened, not waited on forever
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30  # kopf's own short calls (Events, peering) as bounded as ours
+    settings.networking.connect_timeout = 10
+    if not memo.get("api"):
+        try:
+            memo.api = KubeApi.from_source(memo.get("kube_source"))
+        except KubeConfigError as exc:
+            raise kopf.PermanentError(str(exc)) from None
     memo.settings = memo.get("settings") or OperatorSettings.from_env(os.environ)
-    memo.locks = collections.defaultdict(asyncio.Lock)
     memo.written = {}
     # kopf hands each handler a shallow copy of this memo: share state through mutable containers only.
     memo.indexes = {}
     memo.metrics = memo.get("metrics") or OperatorMetrics(phases=lambda: _phases(memo))
+    memo.state = State(
+        api=memo.api, executor=concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube")
+    )
     port = memo.get("metrics_port")
     memo.stop_metrics = memo.metrics.serve(port) if port else None
     memo.poller = asyncio.create_task(_poll(memo))
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    """kopf's watches use the same server and credentials as the operator's own client (read afresh each time,
+    so a rotated service-account token is picked up)."""
+    api: KubeApi | None = memo.get("api")
+    if api is None:
+        return None
+    return connection_info(api.configuration, trust_env=settings.networking.trust_env)
+
+
+def connection_info(configuration: Any, trust_env: bool = False) -> kopf.ConnectionInfo:
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else ((None, parts[0]) if len(parts) == 1 else (parts[0], parts[1]))
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        trust_env=trust_env,
+    )
 
 
 def _phases(memo: kopf.Memo) -> list[tuple[str, str]]:
@@ -63,6 +152,11 @@ def _phases(memo: kopf.Memo) -> list[tuple[str, str]]:
 async def stop_polling(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("poller"):
         memo.poller.cancel()
+    state: State | None = memo.get("state")
+    if state:
+        for task in [*state.retries.values(), *state.tasks]:
+            task.cancel()
+        state.executor.shutdown(wait=False, cancel_futures=True)
     if memo.get("stop_metrics"):
         await asyncio.to_thread(memo.stop_metrics)
 
@@ -83,9 +177,11 @@ def stage_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def on_finetunejob(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **kw: Any) -> None:
+async def on_finetunejob(
+    event: dict[str, Any], namespace: str, name: str, uid: str, memo: kopf.Memo, **kw: Any
+) -> None:
     if event.get("type") == "DELETED":
-        memo.written.pop((namespace, name), None)
+        forget(memo, (namespace, name), uid)
         return  # the children go with their ownerReferences
     await reconcile((namespace, name), memo, kw)
 
@@ -100,22 +196,142 @@ async def on_stage_pod(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **k
     await reconcile((namespace, labels[LABEL]), memo, kw)
 
 
+def forget(memo: kopf.Memo, key: Key, uid: str | None) -> None:
+    state: State = memo.state
+    if uid:
+        state.gone.add(uid)
+    memo.written.pop(key, None)
+    state.failures.pop(key, None)
+    state.due.pop(key, None)
+    state.logs.pop(key, None)
+    state.read_at.pop(key, None)
+    retry = state.retries.pop(key, None)
+    if retry:
+        retry.cancel()
+
+
+def _wants_visit(memo: kopf.Memo, key: Key, now: float) -> bool:
+    """Active (progress, deadline), never reconciled by this process, or due (TTL); failing jobs have their timer."""
+    state: State = memo.state
+    if key in state.failures:
+        return False
+    written = memo.written.get(key)
+    if written is None:
+        return True  # e.g. its first reconcile failed before anything was written
+    phase = (written.get("status") or {}).get("phase", "Pending")
+    if phase in (*ACTIVE_PHASES, "Pending"):
+        return True
+    return key in state.due and state.due[key] <= now
+
+
 async def _poll(memo: kopf.Memo) -> None:
+    state: State = memo.state
     while True:
         await asyncio.sleep(POLL_SECONDS)
         if not memo.indexes:
             continue
+        now = time.monotonic()
         for key in list(memo.indexes["finetunejobs"]):
-            status = (memo.written.get(key) or {}).get("status") or {}
-            if status.get("phase") in (*ACTIVE_PHASES, "Pending") or status.get("completionTime"):
-                try:
-                    await reconcile(key, memo, memo.indexes)
-                except Exception:  # one broken job must not stop the others' progress
-                    logging.getLogger(__name__).exception("periodic reconcile of %s failed", key)
+            if key not in state.running and _wants_visit(memo, key, now):
+                _spawn(state, reconcile(key, memo, memo.indexes))  # concurrently: a slow job holds no other
 
 
-def _train_log(api: KubeApi, job: FineTuneJob, pods: list[dict[str, Any]]) -> dict[str, str]:
-    """The log tail of worker 0 of the current run's train stage, when it is running."""
+def _spawn(state: State, coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro, context=contextvars.copy_context())
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
+
+
+async def reconcile(key: Key, memo: kopf.Memo, indexes: dict[str, Any]) -> None:
+    """Reconcile one FineTuneJob; calls during a pass are folded into one more pass. Never raises."""
+    if {"finetunejobs", "stage_jobs", "stage_pods"} <= indexes.keys():
+        memo.indexes.update({k: indexes[k] for k in ("finetunejobs", "stage_jobs", "stage_pods")})
+    state: State = memo.state
+    if key in state.running:
+        state.again.add(key)
+        return
+    state.running.add(key)
+    try:
+        while True:
+            state.again.discard(key)
+            await _attempt(key, memo)
+            if key not in state.again:
+                break
+    finally:
+        state.running.discard(key)
+
+
+async def _attempt(key: Key, memo: kopf.Memo) -> None:
+    metrics: OperatorMetrics = memo.metrics
+    state: State = memo.state
+    started = time.monotonic()
+    try:
+        await _reconcile(key, memo)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # kopf would only log it: retry, and show it on the job
+        metrics.reconcile_errors.inc()
+        await _failed(key, memo, exc)
+    else:
+        state.failures.pop(key, None)
+    finally:
+        metrics.reconcile_seconds.observe(time.monotonic() - started)
+
+
+async def _failed(key: Key, memo: kopf.Memo, exc: Exception) -> None:
+    state: State = memo.state
+    failure = state.failures.setdefault(key, Failure())
+    failure.count += 1
+    failure.error = str(exc) if isinstance(exc, ApiCallError) else f"{type(exc).__name__}: {exc}"
+    delay = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (failure.count - 1)) * random.uniform(0.8, 1.2)
+    log.warning(
+        "reconcile of %s/%s failed (%d in a row): %s; retrying in %.1fs", *key, failure.count, failure.error, delay
+    )
+    if not isinstance(exc, ApiCallError):
+        log.debug("reconcile failure", exc_info=exc)
+    if failure.count >= REPORT_AFTER and not failure.reported:
+        failure.reported = await _report(key, memo, failure.error)
+    previous = state.retries.get(key)
+    if previous and not previous.done():
+        previous.cancel()
+    state.retries[key] = asyncio.get_running_loop().create_task(
+        _retry_after(key, memo, delay), context=contextvars.copy_context()
+    )
+
+
+async def _retry_after(key: Key, memo: kopf.Memo, delay: float) -> None:
+    await asyncio.sleep(delay)
+    state: State = memo.state
+    if state.retries.get(key) is asyncio.current_task():
+        del state.retries[key]
+    await reconcile(key, memo, memo.indexes)
+
+
+async def _report(key: Key, memo: kopf.Memo, error: str) -> bool:
+    """Condition Synced=False and a Warning Event naming the API error; whether the job could be told."""
+    bodies = list(memo.indexes.get("finetunejobs", {}).get(key, []))
+    if not bodies:
+        return False
+    body = _current(bodies[0], memo.written.get(key))
+    message = f"the operator cannot act on this job: {error} (retrying)"
+    kopf.event(body, type="Warning", reason="ApiError", message=message[:1000])
+    try:
+        job = FineTuneJob.model_validate(body)
+    except ValidationError:
+        return True
+    status = report_api_error(job, message[:1000], dt.datetime.now(dt.UTC)).wire()
+    try:
+        written = await memo.state.call(memo.api.write_status, key[0], key[1], status)
+    except ApiCallError as exc:  # the status write is what fails: the Event has said it
+        log.warning("cannot show the error on %s/%s: %s", *key, exc)
+        return True
+    if written:
+        memo.written[key] = {"uid": job.uid, "status": status}
+    return True
+
+
+def _train_pod(job: FineTuneJob, pods: list[dict[str, Any]]) -> str | None:
+    """Worker 0 of the current run's train stage, when it is running: the pod whose log carries progress."""
     for pod in pods:
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
@@ -124,9 +340,39 @@ def _train_log(api: KubeApi, job: FineTuneJob, pods: list[dict[str, Any]]) -> di
         if (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index", "0") != "0":
             continue
         if (pod.get("status") or {}).get("phase") == "Running":
-            tail = api.log_tail(job.namespace, meta["name"])
-            return {"train": tail} if tail else {}
-    return {}
+            return str(meta["name"])
+    return None
+
+
+def _train_log(key: Key, memo: kopf.Memo, job: FineTuneJob, pods: list[dict[str, Any]]) -> dict[str, str]:
+    """The last log tail read of the running train pod, and a fresh read started beside this reconcile.
+
+    A log read can hang (a node under load, a kubelet gone): the job's hand-offs never wait for it; the read
+    reconciles the job again when it brings new lines.
+    """
+    state: State = memo.state
+    pod = _train_pod(job, pods)
+    if pod is None:
+        state.logs.pop(key, None)
+        return {}
+    now = time.monotonic()
+    if key not in state.reading and now - state.read_at.get(key, -POLL_SECONDS) >= POLL_SECONDS:
+        state.reading.add(key)
+        state.read_at[key] = now
+        _spawn(state, _read_log(key, memo, job.namespace, pod))
+    seen, tail = state.logs.get(key, ("", ""))
+    return {"train": tail} if seen == pod and tail else {}
+
+
+async def _read_log(key: Key, memo: kopf.Memo, namespace: str, pod: str) -> None:
+    state: State = memo.state
+    try:
+        tail = await state.call(memo.api.log_tail, namespace, pod)
+    finally:
+        state.reading.discard(key)
+    if tail and state.logs.get(key) != (pod, tail):
+        state.logs[key] = (pod, tail)
+        await reconcile(key, memo, memo.indexes)
 
 
 def _started_but_unseen(api: KubeApi, job: FineTuneJob, stage: str) -> bool:
@@ -144,25 +390,29 @@ def _current(body: dict[str, Any], written: dict[str, Any] | None) -> dict[str, 
     return body
 
 
-async def reconcile(key: Key, memo: kopf.Memo, indexes: dict[str, Any]) -> None:
-    if {"finetunejobs", "stage_jobs", "stage_pods"} <= indexes.keys():
-        memo.indexes.update({k: indexes[k] for k in ("finetunejobs", "stage_jobs", "stage_pods")})
-    metrics: OperatorMetrics = memo.metrics
-    started = time.monotonic()
-    try:
-        async with memo.locks[key]:
-            await _reconcile(key, memo)
-    except Exception:
-        metrics.reconcile_errors.inc()
-        raise
-    finally:
-        metrics.reconcile_seconds.observe(time.monotonic() - started)
+def _comparable(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A status without what changes on every look (progress.updatedAt): a write only when something else did."""
+    if not status or not isinstance(status.get("progress"), dict):
+        return status
+    progress = {k: v for k, v in status["progress"].items() if k != "updatedAt"}
+    return {**status, "progress": progress}
+
+
+def _alive(memo: kopf.Memo, key: Key, uid: str | None) -> bool:
+    bodies = list(memo.indexes.get("finetunejobs", {}).get(key, []))
+    return (
+        uid not in memo.state.gone
+        and bool(bodies)
+        and (bodies[0].get("metadata") or {}).get("uid") == uid
+        and not (bodies[0].get("metadata") or {}).get("deletionTimestamp")
+    )
 
 
 async def _reconcile(key: Key, memo: kopf.Memo) -> None:
     bodies = list(memo.indexes["finetunejobs"].get(key, []))
     if not bodies or (bodies[0].get("metadata") or {}).get("deletionTimestamp"):
         return
+    state: State = memo.state
     body = _current(bodies[0], memo.written.get(key))
     api: KubeApi = memo.api
     try:
@@ -170,19 +420,34 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
     except ValidationError as exc:
         await _refuse(api, key, body, memo, exc)
         return
+    if job.uid in state.gone:
+        return
     jobs = list(memo.indexes["stage_jobs"].get(key, []))
     pods = list(memo.indexes["stage_pods"].get(key, []))
-    logs = await asyncio.to_thread(_train_log, api, job, pods)
+    logs = _train_log(key, memo, job, pods)
     result = plan(job, observe(job.status.run, jobs, pods, logs), dt.datetime.now(dt.UTC))
-    if result.start and await asyncio.to_thread(_started_but_unseen, api, job, result.start):
+    if result.start and await state.call(_started_but_unseen, api, job, result.start):
         return  # our view of the children lags (a watch resuming after a pause); the Job's event comes next
-    await asyncio.to_thread(apply, api, job, result, memo.settings)
+    if not _alive(memo, key, job.uid):
+        return  # deleted while we planned: create nothing
+    await state.call(apply, api, job, result, memo.settings)
+    if result.start and not _alive(memo, key, job.uid):
+        # Deleted while its stage was being created: the new children would outlive it until garbage collection.
+        await state.call(api.delete_children, job.namespace, job.name, None)
+        return
     status = result.status.wire()
     previous = (memo.written.get(key) or {}).get("status")
-    if status != previous and status != (body.get("status") or None):
-        await asyncio.to_thread(api.patch_status, key[0], key[1], status)
+    if _comparable(status) in (_comparable(previous), _comparable(body.get("status") or None)):
+        status = previous or body.get("status") or status  # nothing but progress.updatedAt: no write
+    elif not await state.call(api.write_status, key[0], key[1], status):
+        return  # the job is gone
     memo.metrics.record(previous or body.get("status"), status, (body.get("metadata") or {}).get("creationTimestamp"))
     memo.written[key] = {"uid": job.uid, "status": status}
+    if result.status.phase in FINISHED_PHASES and result.requeue_after is not None:
+        state.due[key] = time.monotonic() + result.requeue_after  # the TTL: no event will come for it
+    else:
+        state.due.pop(key, None)
+    # After the status write, not before: an operator killed in between loses an Event, it never repeats one.
     for event in result.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
@@ -205,6 +470,8 @@ def apply(api: KubeApi, job: FineTuneJob, result: Plan, settings: OperatorSettin
         # The PVC and the ConfigMap before the Job that mounts them.
         order = {"PersistentVolumeClaim": 0, "ConfigMap": 1, "Service": 2, "PodGroup": 3, "Job": 4}
         for obj in sorted(objects, key=lambda o: order.get(o["kind"], 5)):
+            if obj["kind"] == "PersistentVolumeClaim" and result.start != "prepare":
+                continue  # the workspace is created with a run's first stage, not re-posted by every stage
             api.create(obj)
 
 
@@ -216,7 +483,7 @@ async def _refuse(api: KubeApi, key: Key, body: dict[str, Any], memo: kopf.Memo,
     status = FineTuneJobStatus.model_validate(body.get("status") or {}).wire() if _valid_status(body) else {}
     status.update(phase="Failed", message=message)
     if (memo.written.get(key) or {}).get("status") != status:
-        await asyncio.to_thread(api.patch_status, key[0], key[1], status)
+        await memo.state.call(api.write_status, key[0], key[1], status)
         kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
     memo.written[key] = {"uid": (body.get("metadata") or {}).get("uid"), "status": status}
 
@@ -229,21 +496,37 @@ def _valid_status(body: dict[str, Any]) -> bool:
     return True
 
 
+def connect(kubeconfig: str | None = None, context: str | None = None) -> tuple[KubeApi, str]:
+    """The operator's client from the first source that works, checked against the server: (api, description).
+
+    Raises KubeConfigError with one line when there is no configuration or the server does not answer.
+    """
+    configuration, source = load_configuration(kubeconfig, context)
+    version = check_reachable(configuration)
+    from kubernetes import client
+
+    return KubeApi(client.ApiClient(configuration)), f"{configuration.host} ({source}, Kubernetes {version})"
+
+
 def run_operator(
     namespaces: list[str],
     liveness: str | None,
     peering: str | None,
     metrics_port: int | None = None,
     priority: int | None = None,
+    kubeconfig: str | None = None,
+    context: str | None = None,
 ) -> None:
     """Run the operator until it is stopped (what the operator image's entrypoint calls).
 
     With a peering name, replicas elect one active operator through kopf peering: the highest priority works,
     the others pause until its peering record expires. Equal priorities would freeze every replica, so each
-    process draws its own unless one is given.
+    process draws its own unless one is given. Raises KubeConfigError (one line) when there is no cluster to talk to.
     """
     settings = OperatorSettings.from_env(os.environ)  # a bad value stops here, before anything is watched
+    api, where = connect(kubeconfig, context)
     kopf.configure(verbose=False)
+    logging.getLogger(__name__).info("API server: %s", where)
     if peering and priority is None:
         priority = random.SystemRandom().randint(1, 2**31 - 1)
     kopf.run(
@@ -253,5 +536,7 @@ def run_operator(
         peering_name=peering,
         standalone=peering is None,
         priority=priority,
-        memo=kopf.Memo(metrics_port=metrics_port, settings=settings),
+        memo=kopf.Memo(
+            metrics_port=metrics_port, settings=settings, api=api, kube_source=KubeSource(kubeconfig, context)
+        ),
     )

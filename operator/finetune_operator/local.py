@@ -29,7 +29,7 @@ import yaml
 from .api.job import FineTuneJob
 from .api.status import FINISHED_PHASES, FineTuneJobStatus
 from .api.validation import load_job, local_path
-from .planner import Observed, ObservedStage, Plan, plan
+from .planner import Observed, ObservedStage, Plan, config_hash, plan
 from .stages.contract import (
     StageConfig,
     Workdir,
@@ -380,8 +380,9 @@ def execute(
     if fresh:
         shutil.rmtree(run.output / WORK_DIR, ignore_errors=True)
         run.status_file.unlink(missing_ok=True)
-    metadata = {**(raw.get("metadata") or {}), "generation": 1}
-    job = FineTuneJob(metadata=metadata, spec=spec, status=load_status(run) or FineTuneJobStatus())
+    status = load_status(run) or FineTuneJobStatus()
+    metadata = {**(raw.get("metadata") or {}), "generation": _generation(status, spec)}
+    job = FineTuneJob(metadata=metadata, spec=spec, status=status)
     previous_phase = job.status.phase
     while True:
         result: Plan = plan(job, observe(run, job), clock())
@@ -406,6 +407,14 @@ def execute(
     if previous_phase not in FINISHED_PHASES or job.status.phase != previous_phase:
         reporter.finished(job.status)
     return job, run
+
+
+def _generation(status: FineTuneJobStatus, spec: Any) -> int:
+    """What metadata.generation is on a cluster: one more than the last run's when the manifest's spec changed."""
+    generation = status.observed_generation or 1
+    if status.lineage and status.lineage.config_hash and status.lineage.config_hash != config_hash(spec):
+        generation += 1
+    return generation
 
 
 def _clean(run: LocalRun, job: FineTuneJob, result: Plan) -> None:

@@ -181,7 +181,7 @@ def _progress_text(stage: str, status: FineTuneJobStatus, queued: bool) -> str:
     return f"{stage} running"
 
 
-def _absorb_summary(status: FineTuneJobStatus, stage: str, summary: dict[str, Any] | None) -> None:
+def _absorb_summary(status: FineTuneJobStatus, stage: str, summary: dict[str, Any] | None, now: dt.datetime) -> None:
     """Copy what a finished stage reported into status (metrics, artifacts, serving config, lineage)."""
     if not summary:
         return
@@ -197,9 +197,7 @@ def _absorb_summary(status: FineTuneJobStatus, stage: str, summary: dict[str, An
         final["lastCheckpoint"] = summary.get("lastCheckpoint") or final.get("lastCheckpoint")
         status.progress = _progress(
             final,
-            parse_time(status.progress.updated_at)
-            if status.progress and status.progress.updated_at
-            else dt.datetime.now(dt.UTC),
+            (parse_time(status.progress.updated_at) if status.progress else None) or now,
         )
     if stage == "evaluate" and "metrics" in summary:
         status.metrics = MetricsStatus(
@@ -283,6 +281,8 @@ def _conditions(job: FineTuneJob, status: FineTuneJobStatus, old: FineTuneJobSta
     # "WaitingForAdmission" tells GitOps health checks that the job is queued (Kueue), not stuck.
     condition("Reconciling", active, "WaitingForAdmission" if queued else (phase if active else "Idle"), progress)
     condition("Stalled", phase == "Failed", failure or "NotStalled", message if phase == "Failed" else "")
+    # Planned means written: a plan whose API calls fail is not stored, `report_api_error` is instead.
+    condition("Synced", True, "ReconcileSuccess")
     status.conditions = out
 
 
@@ -328,6 +328,10 @@ def _events(old: FineTuneJobStatus, new: FineTuneJobStatus) -> list[Event]:
             events.append(Event("Normal", "Resumed", f"resumed in phase {new.phase}"))
         elif new.phase == "Failed" and not any(e.type == "Warning" for e in events):
             events.append(Event("Warning", "Failed", new.message or "failed"))
+    if new.run > 1:  # a later run's events must read differently from the first run's (kubectl describe, audits)
+        for event in events:
+            if event.reason != "NewRun":
+                event.message = f"run {new.run}: {event.message}"
     return events
 
 
@@ -342,7 +346,10 @@ def plan(job: FineTuneJob, observed: Observed, now: dt.datetime) -> Plan:
     run_hash = config_hash(spec, RUN_DEFINING)
 
     # A new run: the spec changed after the run finished, or what defines a run changed while it was suspended.
-    if status.lineage and status.lineage.config_hash:
+    # Only an edit (a new metadata.generation) starts one: an operator upgrade that resolves the same spec to
+    # another hash (a new defaulted field) must not retrain finished jobs.
+    edited = old.observed_generation is not None and job.generation != old.observed_generation
+    if edited and status.lineage and status.lineage.config_hash:
         finished_and_changed = status.phase in FINISHED_PHASES and status.lineage.config_hash != full_hash
         started = any(
             (r := getattr(status.stages, s)) is not None and r.state not in ("Pending", "Skipped") for s in STAGES
@@ -374,9 +381,10 @@ def plan(job: FineTuneJob, observed: Observed, now: dt.datetime) -> Plan:
 
     status.observed_generation = job.generation
     status.lineage = status.lineage or Lineage()
-    status.lineage.base_model = spec.model.source
-    status.lineage.config_hash = full_hash
-    status.lineage.run_hash = run_hash
+    if status.phase not in FINISHED_PHASES or status.run != old.run:  # a finished run keeps the lineage it ran with
+        status.lineage.base_model = spec.model.source
+        status.lineage.config_hash = full_hash
+        status.lineage.run_hash = run_hash
     status.start_time = status.start_time or stamp
     sequence = stages_for(spec)
     if not spec.evaluation.enabled:
@@ -510,7 +518,7 @@ def _advance(
             record.message = (seen.summary or {}).get("message") or (
                 "succeeded, but its results were lost: the stage pod was gone before they were read"
             )
-            _absorb_summary(status, stage, seen.summary)
+            _absorb_summary(status, stage, seen.summary, now)
             continue
         if seen.failed and seen.ended_attempt and _restart_gang(job, status, record, seen.ended_attempt, result, now):
             status.phase, status.current_stage = STAGE_PHASE[stage], stage  # type: ignore[assignment]
@@ -523,7 +531,7 @@ def _advance(
             record.completion_time = seen.completion_time or stamp
             record.message = summary.get("message") or seen.message or "failed"
             if stage == "evaluate":
-                _absorb_summary(status, stage, summary)
+                _absorb_summary(status, stage, summary, now)
             status.phase, status.current_stage = "Failed", stage
             status.message = f"{stage} failed: {record.message}"
             status.completion_time = stamp
@@ -542,7 +550,8 @@ def _advance(
         record.start_time = record.start_time or stamp
         record.job_name = f"{job.name}-{stage}"
         result.start = stage
-        status.message = f"{stage} starting"
+        # The same words the next reconcile finds (the Job seen running): one status write per hand-off.
+        status.message = _progress_text(stage, status, False)
         return False
 
     status.phase, status.current_stage = "Succeeded", sequence[-1]
@@ -553,3 +562,17 @@ def _advance(
     if spec.run_policy.ttl_seconds_after_finished is not None:
         result.requeue_after = float(spec.run_policy.ttl_seconds_after_finished)
     return False
+
+
+def report_api_error(job: FineTuneJob, message: str, now: dt.datetime) -> FineTuneJobStatus:
+    """The stored status with `Synced` False naming the API error that keeps the operator from acting on the job.
+
+    Nothing else changes: the plan that failed to be carried out is not recorded (no stage marked started whose
+    Job was never created); the next successful reconcile sets `Synced` back to True.
+    """
+    status = job.status.model_copy(deep=True)
+    prior = {c.type: c for c in status.conditions}
+    kept = [c for c in status.conditions if c.type != "Synced"]
+    _set_condition(kept, prior, "Synced", False, "ApiError", message, job.generation, timestamp(now))
+    status.conditions = kept
+    return status

@@ -19,7 +19,7 @@ class Condition(ApiModel):
     """A metav1.Condition."""
 
     type: str
-    """Ready, Succeeded, Failed, Suspended, Reconciling, Stalled, or <Stage>Complete (e.g. TrainComplete)."""
+    """Ready, Succeeded, Failed, Suspended, Reconciling, Stalled, Synced, or <Stage>Complete (e.g. TrainComplete)."""
     status: Literal["True", "False", "Unknown"]
     """True, False or Unknown."""
     observed_generation: int | None = None
@@ -238,7 +238,8 @@ class FineTuneJobStatus(ApiModel):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Ready, Succeeded, Failed, Suspended, one <Stage>Complete per stage, and kstatus Reconciling/Stalled."""
+    """Ready, Succeeded, Failed, Suspended, one <Stage>Complete per stage, kstatus Reconciling/Stalled, and Synced
+    (False, reason ApiError, while an API error keeps the operator from acting on the job)."""
     stages: StagesStatus = Field(default_factory=StagesStatus)
     """Per-stage records."""
     progress: Progress | None = None

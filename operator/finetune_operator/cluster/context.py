@@ -153,5 +153,6 @@ def owner_reference(job: FineTuneJob) -> dict[str, Any]:
         "name": job.name,
         "uid": job.uid or "00000000-0000-0000-0000-000000000000",
         "controller": True,
-        "blockOwnerDeletion": True,
+        # No blockOwnerDeletion: it needs `update` on finetunejobs/finalizers (refused where the
+        # OwnerReferencesPermissionEnforcement admission plugin runs), and nothing waits on foreground deletion.
     }

@@ -1,0 +1,1091 @@
+"""A test cluster around the real API server: the controllers and the kubelet it lacks, a fault-injecting proxy,
+and the operator as a real process.
+
+`../shared/apiserver` is a real Kubernetes API server without controllers (see its README): nothing turns a Job
+into pods, nothing runs a pod, nothing deletes the dependents of a deleted owner. `Cluster` plays those parts
+against the server, over its HTTP API only, in one background thread:
+
+- **the Job controller**: for every Job it creates the pods the real one would (generateName, the controller's
+  labels and ownerReference; for an Indexed Job one pod per completion index with the completion-index
+  annotation and label, `hostname` <job>-<index>, the Job's `subdomain`, and `JOB_COMPLETION_INDEX`), replaces
+  failed pods up to `backoffLimit`, applies `podFailurePolicy` (FailJob / Ignore / Count on exit codes and pod
+  conditions), leaves a suspended Job without pods, and writes the Job's status (startTime, active, ready,
+  succeeded, failed, completedIndexes, completionTime, SuccessCriteriaMet+Complete or FailureTarget+Failed);
+- **the kubelet**: it runs each pod's container as a local process. The container's command runs with the
+  container's env (values, fieldRef, secretKeyRef/configMapKeyRef, envFrom), each volume mount mapped to a host
+  folder (a ConfigMap's files written out, an emptyDir fresh, a PersistentVolumeClaim one folder per claim that
+  lives as long as the test cluster), the paths the container would see remapped to those folders wherever they
+  appear (arguments, env, JSON config files: a process cannot see a container's mount namespace), and
+  `<host>.<subdomain>` names resolved to the loopback. `finetune-operator` is this Python environment's CLI (the
+  trainer image's entrypoint). The log is published through the `test.finetune.dev/log` pod annotation (the
+  server's pods/log shim), the termination message is read from the mapped `terminationMessagePath`
+  (FallbackToLogsOnError honoured), and pod status goes Pending -> Running -> Succeeded/Failed with container
+  states as a kubelet writes them. A pod that is deleted has its process stopped (SIGTERM, then SIGKILL);
+- **the garbage collector**: an object whose owners are all gone (checked with a live read) is deleted, and
+  foreground/orphan deletion finalizers are honoured.
+
+`FakeStages` replaces the processes with timers for control-plane tests: a stage "runs" for a set delay and ends
+with a canned summary (or a chosen failure), train's log carries progress lines.
+
+`FaultProxy` sits between the operator and the server (TLS on both sides, the operator's kubeconfig is the
+admin's with the proxy's address) and fails chosen requests with a status code or delays them; it records every
+request with the response code it got, which is how tests count Job creations and Event posts.
+
+`OperatorProcess` is `finetune-operator operator` as a user starts it: a separate process whose only link to the
+cluster is KUBECONFIG.
+
+Not played: scheduling (no nodes, resources, GPUs, taints or affinity: every pod starts at once), images (every
+container runs this Python environment), networking beyond loopback, readOnlyRootFilesystem/runAsUser, Services'
+endpoints, the Job's activeDeadlineSeconds, and Kueue/Volcano.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import urllib3
+import yaml
+
+LOG_ANNOTATION = "test.finetune.dev/log"
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+LOG_LINES_PUBLISHED = 300
+TERMINATION_LIMIT = 4096
+FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
+KILL_GRACE_SECONDS = 5.0
+RETRIES = 5
+
+GROUPS = {
+    "pods": "/api/v1",
+    "configmaps": "/api/v1",
+    "services": "/api/v1",
+    "persistentvolumeclaims": "/api/v1",
+    "secrets": "/api/v1",
+    "events": "/api/v1",
+    "jobs": "/apis/batch/v1",
+    "finetunejobs": "/apis/finetune.dev/v1alpha1",
+    "kopfpeerings": "/apis/kopf.dev/v1",
+}
+KINDS = {"Pod": "pods", "ConfigMap": "configmaps", "Service": "services", "PersistentVolumeClaim":
+         "persistentvolumeclaims", "Job": "jobs", "FineTuneJob": "finetunejobs", "Secret": "secrets"}  # fmt: skip
+DEPENDENT_KINDS = ("pods", "configmaps", "services", "persistentvolumeclaims", "jobs")  # dependents before owners
+
+
+def now_stamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll until `predicate()` is truthy and return it; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------------- REST
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"{status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+class Rest:
+    """A small JSON client over the kubeconfig's TLS settings (dicts in, dicts out, no models)."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        config = yaml.safe_load(kubeconfig.read_text())
+        context = next(c["context"] for c in config["contexts"] if c["name"] == config["current-context"])
+        cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
+        user = next(u["user"] for u in config["users"] if u["name"] == context["user"])
+        self.server = cluster["server"].rstrip("/")
+        self.tls = {"ca": cluster["certificate-authority"], "cert": user["client-certificate"],
+                    "key": user["client-key"]}  # fmt: skip
+        self.http = urllib3.PoolManager(
+            maxsize=4,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=self.tls["ca"],
+            cert_file=self.tls["cert"],
+            key_file=self.tls["key"],
+            timeout=urllib3.Timeout(connect=5, read=30),
+            retries=False,
+        )
+
+    @staticmethod
+    def path(plural: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+        out = GROUPS[plural] + (f"/namespaces/{namespace}" if namespace else "") + f"/{plural}"
+        return out + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                **query: Any) -> Any:  # fmt: skip
+        url = self.server + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        for attempt in range(RETRIES + 1):
+            response = self.http.request(method, url, body=data, headers={"Content-Type": content_type})
+            # A controller retries what the server says is passing (429 "storage is (re)initializing", 5xx).
+            if response.status not in (429, 500, 503, 504) or attempt == RETRIES:
+                break
+            time.sleep(0.2 * 2**attempt)
+        text = response.data.decode()
+        if response.status >= 400:
+            raise ApiError(response.status, text)
+        return json.loads(text) if text.startswith("{") else text
+
+    def list(self, plural: str, namespace: str, **query: Any) -> list[dict[str, Any]]:
+        return self.request("GET", self.path(plural, namespace), **query)["items"]
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", self.path(plural, namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", self.path(plural, namespace), body)
+
+    def patch(self, plural: str, namespace: str, name: str, body: dict[str, Any], sub: str | None = None) -> Any:
+        return self.request("PATCH", self.path(plural, namespace, name, sub), body, "application/merge-patch+json")
+
+    def delete(self, plural: str, namespace: str, name: str, propagation: str = "Background") -> bool:
+        try:
+            self.request("DELETE", self.path(plural, namespace, name), {"propagationPolicy": propagation})
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        self.http.clear()
+
+
+# ---------------------------------------------------------------------------------------------- fake stages
+
+FAKE_SUMMARIES: dict[str, dict[str, Any]] = {
+    "prepare": {"ok": True, "message": "90 train / 10 eval rows",
+                "lineage": {"modelRevision": "abc", "datasetFingerprint": "f" * 64}},
+    "train": {"ok": True, "message": "trained 10 steps", "steps": 10,
+              "progress": {"step": 10, "totalSteps": 10, "loss": 0.5}},
+    "evaluate": {"ok": True, "message": "exactMatch 0.9", "gates": [], "gatesPassed": True,
+                 "metrics": {"base": {"exactMatch": 0.1}, "tuned": {"exactMatch": 0.9}},
+                 "summary": "exactMatch 0.9 (base 0.1)"},
+    "export": {"ok": True, "message": "exported",
+               "artifacts": [{"name": "merged", "format": "safetensors", "uri": "pvc://models/out/merged",
+                              "sha256": "0" * 64, "sizeBytes": 10}],
+               "servingConfig": {"uri": "pvc://models/out/serving-config.pb", "sha256": "1" * 64}},
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class FakeStages:
+    """Stages as timers: `delay` seconds (per stage in `delays`), then exit 0 with the canned summary, or the
+    (exit code, summary) of `fail`; a stage in `hold` runs until released. Train logs progress lines."""
+
+    delay: float = 0.3
+    delays: dict[str, float] = dataclasses.field(default_factory=dict)
+    summaries: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: dict(FAKE_SUMMARIES))
+    fail: dict[str, tuple[int, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    hold: set[str] = dataclasses.field(default_factory=set)
+    progress_log: str = "\n".join(
+        json.dumps({"finetune.dev/progress": "progress", "stage": "train", "step": s, "totalSteps": 10,
+                    "loss": 2.0 - s / 10, "etaSeconds": 10 - s}) for s in (1, 5)
+    )  # fmt: skip
+
+    def delay_of(self, stage: str) -> float:
+        return self.delays.get(stage, self.delay)
+
+
+class FakeProcess:
+    """What the kubelet needs of a Popen, for a fake stage."""
+
+    pid = 0
+
+    def __init__(self, stages: FakeStages, stage: str, run: int, log: Path, termination: Path) -> None:
+        self.stages, self.stage, self.run = stages, stage, run
+        self.log, self.termination = log, termination
+        self.started = time.monotonic()
+        self.returncode: int | None = None
+        if stage == "train":
+            log.write_text(stages.progress_log + "\n")
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        if self.stage in self.stages.hold or time.monotonic() - self.started < self.stages.delay_of(self.stage):
+            return None
+        code, summary = self.stages.fail.get(self.stage, (0, self.stages.summaries[self.stage]))
+        payload = {"stage": self.stage, "run": self.run, **summary}
+        self.termination.write_text(json.dumps(payload))
+        with self.log.open("a") as log:
+            log.write(f"{self.stage} {'done' if code == 0 else 'failed'}\n")
+        self.returncode = code
+        return code
+
+    def terminate(self) -> None:
+        self.returncode = 143 if self.returncode is None else self.returncode
+
+
+# --------------------------------------------------------------------------------------------------- kubelet
+
+
+@dataclasses.dataclass
+class RunningPod:
+    name: str
+    uid: str
+    root: Path
+    log: Path
+    termination: Path
+    message_policy: str
+    process: Any
+    started_at: str
+    published: int = -1
+    published_at: float = 0.0
+    killed_at: float | None = None
+
+
+class PodNotReady(Exception):
+    """The pod cannot start yet (a missing ConfigMap, PVC or Secret): it stays Pending, as on a node."""
+
+
+class Cluster:
+    """The Job controller, the kubelet and the garbage collector for one namespace of the real server."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, root: Path, fake: FakeStages | None = None,
+                 interval: float = 0.2) -> None:  # fmt: skip
+        self.rest = Rest(kubeconfig)
+        self.namespace, self.root, self.fake, self.interval = namespace, root, fake, interval
+        self.running: dict[str, RunningPod] = {}
+        self.errors: list[str] = []
+        self.pods_created: list[str] = []
+        self.processes_started: list[tuple[str, str]] = []  # (stage label, pod name)
+        self.deleted_by_gc: list[tuple[str, str]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._last_gc = 0.0
+        root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"cluster-{self.namespace}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and every process it started (bounded); raise if the loop met an error."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(30)
+        for pod in list(self.running.values()):
+            self._kill(pod, force=False)
+        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        for pod in list(self.running.values()):
+            while pod.process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._kill(pod, force=True)
+        self.running.clear()
+        self.rest.close()
+        if self.errors:
+            raise AssertionError("the test cluster failed:\n" + "\n".join(self.errors[:3]))
+
+    def volume(self, claim: str) -> Path:
+        """The host folder behind PersistentVolumeClaim `claim` (tests put models and data there)."""
+        path = self.root / "pv" / claim
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    self.step()
+            except Exception:  # recorded and raised at stop(): a broken harness must fail the test
+                self.errors.append(traceback.format_exc())
+                if len(self.errors) > 20:
+                    return
+            self._stop.wait(self.interval)
+
+    def step(self) -> None:
+        pods = self.rest.list("pods", self.namespace)
+        pods = self._kubelet(pods)
+        jobs = self.rest.list("jobs", self.namespace)
+        for job in jobs:
+            self._job_controller(job, [p for p in pods if _owned_by(p, job)])
+        if time.monotonic() - self._last_gc > 4 * self.interval:
+            self._garbage_collect()
+            self._last_gc = time.monotonic()
+
+    # ------------------------------------------------------------------------------------ kubelet
+
+    def _kubelet(self, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        live = {p["metadata"]["uid"]: p for p in pods}
+        for uid, running in list(self.running.items()):
+            pod = live.get(uid)
+            if pod is None or pod["metadata"].get("deletionTimestamp"):
+                self._kill(running, force=running.killed_at is not None
+                           and time.monotonic() - running.killed_at > KILL_GRACE_SECONDS)  # fmt: skip
+                if running.process.poll() is not None:
+                    del self.running[uid]
+        out = []
+        for pod in pods:
+            meta, phase = pod["metadata"], (pod.get("status") or {}).get("phase", "Pending")
+            if meta.get("deletionTimestamp") or phase in ("Succeeded", "Failed"):
+                out.append(pod)
+            elif meta["uid"] in self.running:
+                out.append(self._watch_process(pod, self.running[meta["uid"]]))
+            else:
+                out.append(self._start_pod(pod))
+        return out
+
+    def _start_pod(self, pod: dict[str, Any]) -> dict[str, Any]:
+        meta = pod["metadata"]
+        container = pod["spec"]["containers"][0]
+        root = self.root / "pods" / meta["name"]
+        try:
+            mounts = self._mounts(pod, container, root)
+            env = self._env(pod, container, mounts)
+        except PodNotReady as exc:
+            return self._pending(pod, str(exc))
+        termination_path = container.get("terminationMessagePath", "/dev/termination-log")
+        termination = root / "termination-log"
+        termination.write_text("")
+        mounts.add(termination_path, termination)
+        log = root / "container.log"
+        stage = (meta.get("labels") or {}).get("finetune.dev/stage", "")
+        if self.fake is not None:
+            run = int((meta.get("labels") or {}).get("finetune.dev/run", "1"))
+            process: Any = FakeProcess(self.fake, stage, run, log, termination)
+        else:
+            process = self._spawn(container, mounts, env, root, log)
+        started = now_stamp()
+        self.running[meta["uid"]] = RunningPod(
+            meta["name"], meta["uid"], root, log, termination,
+            container.get("terminationMessagePolicy", "File"), process, started,
+        )  # fmt: skip
+        self.processes_started.append((stage, meta["name"]))
+        ready = [{"type": t, "status": "True", "lastTransitionTime": started}
+                 for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]  # fmt: skip
+        status = {
+            "phase": "Running",
+            "startTime": started,
+            "hostIP": "127.0.0.1",
+            "podIP": "127.0.0.1",
+            "podIPs": [{"ip": "127.0.0.1"}],
+            "conditions": ready,
+            "containerStatuses": [
+                {"name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": True,
+                 "started": True, "restartCount": 0, "containerID": f"local://{meta['uid']}",
+                 "state": {"running": {"startedAt": started}}}
+            ],
+        }  # fmt: skip
+        return self.rest.patch("pods", self.namespace, meta["name"], {"status": status}, sub="status")
+
+    def _pending(self, pod: dict[str, Any], why: str) -> dict[str, Any]:
+        container = pod["spec"]["containers"][0]
+        waiting = {"reason": why.split(":")[0], "message": why}
+        status = {"phase": "Pending", "containerStatuses": [
+            {"name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": False,
+             "restartCount": 0, "state": {"waiting": waiting}}]}  # fmt: skip
+        if (pod.get("status") or {}).get("containerStatuses") == status["containerStatuses"]:
+            return pod
+        return self.rest.patch("pods", self.namespace, pod["metadata"]["name"], {"status": status}, sub="status")
+
+    def _mounts(self, pod: dict[str, Any], container: dict[str, Any], root: Path) -> Mounts:
+        """The container's view of its volumes, made ready as a kubelet would."""
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        mounts = Mounts(root / "fs")
+        files: list[Path] = []
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes[mount["name"]]
+            if "configMap" in volume:
+                name = volume["configMap"]["name"]
+                config_map = self.rest.get("configmaps", self.namespace, name)
+                if config_map is None:
+                    raise PodNotReady(f"ContainerCreating: configmap {name!r} not found")
+                host = root / "volumes" / mount["name"]
+                host.mkdir(parents=True)
+                for key, value in (config_map.get("data") or {}).items():
+                    (host / key).write_text(value)
+                    files.append(host / key)
+            elif "emptyDir" in volume:
+                host = root / "volumes" / mount["name"]
+                host.mkdir(parents=True)
+            elif "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                if self.rest.get("persistentvolumeclaims", self.namespace, claim) is None:
+                    raise PodNotReady(f"ContainerCreating: persistentvolumeclaim {claim!r} not found")
+                host = self.volume(claim)
+            else:
+                raise AssertionError(f"the test kubelet does not mount volume {volume}")
+            mounts.add(mount["mountPath"], host)
+        # Files in the mounted ConfigMaps name container paths too (the stage config): map them like the rest.
+        for file in files:
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                file.write_text(json.dumps(mounts.remap(json.loads(file.read_text()))))
+        return mounts
+
+    def _env(self, pod: dict[str, Any], container: dict[str, Any], mounts: Mounts) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            ref = source.get("secretRef") or source.get("configMapRef") or {}
+            env.update({source.get("prefix", "") + k: v for k, v in self._data(source, ref["name"]).items()})
+        for entry in container.get("env") or []:
+            if "value" in entry:
+                env[entry["name"]] = entry["value"]
+                continue
+            value_from = entry.get("valueFrom") or {}
+            if "fieldRef" in value_from:
+                env[entry["name"]] = field_path(pod, value_from["fieldRef"]["fieldPath"])
+            else:
+                ref = value_from.get("secretKeyRef") or value_from.get("configMapKeyRef") or {}
+                data = self._data(value_from, ref["name"])
+                if ref["key"] not in data:
+                    raise PodNotReady(f"CreateContainerConfigError: key {ref['key']!r} not in {ref['name']!r}")
+                env[entry["name"]] = data[ref["key"]]
+        subdomain = pod["spec"].get("subdomain")
+        for name, value in env.items():  # cluster DNS: <hostname>.<subdomain> of a pod here is this host
+            if subdomain and re.fullmatch(rf"[a-z0-9-]+\.{re.escape(subdomain)}(\.{self.namespace}(\.svc.*)?)?", value):
+                env[name] = "127.0.0.1"
+        env.setdefault("HOSTNAME", pod["spec"].get("hostname") or pod["metadata"]["name"])
+        return {k: mounts.remap(v) for k, v in env.items()}
+
+    def _data(self, source: dict[str, Any], name: str) -> dict[str, str]:
+        import base64
+
+        if "secretRef" in source or "secretKeyRef" in source:
+            secret = self.rest.get("secrets", self.namespace, name)
+            if secret is None:
+                raise PodNotReady(f"CreateContainerConfigError: secret {name!r} not found")
+            return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+        config_map = self.rest.get("configmaps", self.namespace, name)
+        if config_map is None:
+            raise PodNotReady(f"CreateContainerConfigError: configmap {name!r} not found")
+        return dict(config_map.get("data") or {})
+
+    def _spawn(self, container: dict[str, Any], mounts: Mounts, env: dict[str, str], root: Path,
+               log: Path) -> subprocess.Popen:  # fmt: skip
+        argv = [mounts.remap(a) for a in [*(container.get("command") or []), *(container.get("args") or [])]]
+        if argv and argv[0] == "finetune-operator":  # the trainer image's entrypoint is this environment's CLI
+            argv = [sys.executable, "-m", "finetune_operator", *argv[1:]]
+        # The image's environment (PATH, PYTHONPATH, offline caches), then the container's; never the cluster's.
+        base = {k: v for k, v in os.environ.items() if k != "KUBECONFIG" and not k.startswith("PYTEST")}
+        with log.open("wb") as out:
+            return subprocess.Popen(
+                argv, cwd=root, env={**base, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+
+    def _watch_process(self, pod: dict[str, Any], running: RunningPod) -> dict[str, Any]:
+        code = running.process.poll()
+        size = running.log.stat().st_size if running.log.exists() else 0
+        if code is None:
+            if size != running.published and time.monotonic() - running.published_at > 1.0:
+                return self._publish_log(pod, running, size)
+            return pod
+        pod = self._publish_log(pod, running, size)
+        del self.running[running.uid]
+        finished = now_stamp()
+        message = running.termination.read_bytes()[:TERMINATION_LIMIT].decode(errors="replace")
+        if not message.strip() and code != 0 and running.message_policy == "FallbackToLogsOnError":
+            message = log_tail(running.log, FALLBACK_LOG_LINES)[-FALLBACK_LOG_BYTES:]
+        container = pod["spec"]["containers"][0]
+        terminated = {"exitCode": code if code >= 0 else 128 - code, "reason": "Completed" if code == 0 else "Error",
+                      "startedAt": running.started_at, "finishedAt": finished,
+                      "containerID": f"local://{running.uid}"}  # fmt: skip
+        if message:
+            terminated["message"] = message
+        conditions = [
+            {"type": t, "status": "True" if t in ("PodScheduled", "Initialized") else "False",
+             "lastTransitionTime": finished, **({} if t in ("PodScheduled", "Initialized") else
+                                                {"reason": "PodCompleted"})}
+            for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+        ]  # fmt: skip
+        status = {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "conditions": conditions,
+            "containerStatuses": [
+                {"name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": False,
+                 "started": False, "restartCount": 0, "containerID": f"local://{running.uid}",
+                 "state": {"terminated": terminated}}
+            ],
+        }  # fmt: skip
+        try:
+            return self.rest.patch("pods", self.namespace, running.name, {"status": status}, sub="status")
+        except ApiError as exc:
+            if exc.status == 404:  # deleted while it ended
+                return pod
+            raise
+
+    def _publish_log(self, pod: dict[str, Any], running: RunningPod, size: int) -> dict[str, Any]:
+        running.published, running.published_at = size, time.monotonic()
+        body = {"metadata": {"annotations": {LOG_ANNOTATION: log_tail(running.log, LOG_LINES_PUBLISHED)}}}
+        try:
+            return self.rest.patch("pods", self.namespace, running.name, body)
+        except ApiError as exc:
+            if exc.status == 404:
+                return pod
+            raise
+
+    def _kill(self, running: RunningPod, force: bool) -> None:
+        process = running.process
+        if process.poll() is not None:
+            return
+        if isinstance(process, FakeProcess):
+            process.terminate()
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL if force else signal.SIGTERM)
+        if force:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
+        running.killed_at = running.killed_at or time.monotonic()
+
+    # ------------------------------------------------------------------------------- job controller
+
+    def _job_controller(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+        meta, spec = job["metadata"], job["spec"]
+        status = job.get("status") or {}
+        if meta.get("deletionTimestamp") or _condition(status, "Complete") or _condition(status, "Failed"):
+            return
+        if spec.get("suspend"):
+            self._suspend(job, pods)
+            return
+        indexed = spec.get("completionMode") == "Indexed"
+        completions = int(spec.get("completions", 1))
+        parallelism = int(spec.get("parallelism", 1))
+        ended = [p for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
+        active = [p for p in pods if p not in ended and not p["metadata"].get("deletionTimestamp")]
+        succeeded = sorted({_index(p) for p in ended if p["status"]["phase"] == "Succeeded"})
+        failed_pods = [p for p in ended if p["status"]["phase"] == "Failed"]
+        counted_failures = 0
+        outcome: tuple[str, str, str] | None = None  # (condition, reason, message)
+        for pod in failed_pods:
+            action, rule = _pod_failure_action(spec.get("podFailurePolicy"), pod)
+            if action == "FailJob":
+                exit_code = _exit_code(pod)
+                outcome = ("Failed", "PodFailurePolicy",
+                           f"Container stage for pod {self.namespace}/{pod['metadata']['name']} failed with exit "
+                           f"code {exit_code} matching FailJob rule at index {rule}")  # fmt: skip
+            elif action != "Ignore":
+                counted_failures += 1
+        backoff_limit = int(spec.get("backoffLimit", 6))
+        if outcome is None and counted_failures > backoff_limit:
+            outcome = ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        if outcome is None and (len(succeeded) >= completions if indexed else len(succeeded) >= 1):
+            outcome = ("Complete", "CompletionsReached", "Reached expected number of succeeded pods")
+        if outcome is not None:
+            for pod in active:  # what is still running of a finished Job is stopped
+                self.rest.delete("pods", self.namespace, pod["metadata"]["name"])
+            active = []
+        else:
+            wanted = [i for i in range(completions) if i not in succeeded] if indexed else [0]
+            running = {_index(p) for p in active}
+            for index in wanted[:parallelism]:
+                if index not in running:
+                    active.append(self._create_pod(job, index if indexed else None))
+        self._write_job_status(job, active, succeeded if indexed else succeeded[:1], len(failed_pods), outcome)
+
+    def _suspend(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+        for pod in pods:
+            if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                self.rest.delete("pods", self.namespace, pod["metadata"]["name"])
+        status = job.get("status") or {}
+        if not _condition(status, "Suspended"):
+            condition = {"type": "Suspended", "status": "True", "reason": "JobSuspended", "message": "Job suspended",
+                         "lastProbeTime": now_stamp(), "lastTransitionTime": now_stamp()}  # fmt: skip
+            body = {"status": {"active": 0, "conditions": [*(status.get("conditions") or []), condition]}}
+            self.rest.patch("jobs", self.namespace, job["metadata"]["name"], body, sub="status")
+
+    def _create_pod(self, job: dict[str, Any], index: int | None) -> dict[str, Any]:
+        meta, template = job["metadata"], job["spec"]["template"]
+        name, uid = meta["name"], meta["uid"]
+        labels = {**(template.get("metadata") or {}).get("labels", {}), "batch.kubernetes.io/controller-uid": uid,
+                  "batch.kubernetes.io/job-name": name, "controller-uid": uid, "job-name": name}  # fmt: skip
+        annotations = dict((template.get("metadata") or {}).get("annotations") or {})
+        spec = json.loads(json.dumps(template["spec"]))
+        if index is not None:
+            labels[INDEX_ANNOTATION] = annotations[INDEX_ANNOTATION] = str(index)
+            spec["hostname"] = f"{name}-{index}"
+            for container in spec["containers"]:
+                container.setdefault("env", []).append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}})  # fmt: skip
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "generateName": f"{name}-{index}-" if index is not None else f"{name}-",
+                "namespace": self.namespace,
+                "labels": labels,
+                "annotations": annotations,
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid,
+                                     "controller": True, "blockOwnerDeletion": True}],
+            },
+            "spec": spec,
+        }  # fmt: skip
+        pod = self.rest.create("pods", self.namespace, body)
+        self.pods_created.append(pod["metadata"]["name"])
+        return pod
+
+    def _write_job_status(self, job: dict[str, Any], active: list[dict[str, Any]], succeeded: list[int],
+                          failed: int, outcome: tuple[str, str, str] | None) -> None:  # fmt: skip
+        old = job.get("status") or {}
+        stamp = now_stamp()
+        status: dict[str, Any] = {
+            "startTime": old.get("startTime") or stamp,
+            "active": len(active),
+            "ready": sum(1 for p in active if (p.get("status") or {}).get("phase") == "Running"),
+            "succeeded": len(succeeded),
+            "failed": failed,
+            "terminating": 0,
+            "uncountedTerminatedPods": {},
+            "conditions": [c for c in old.get("conditions") or [] if c.get("type") != "Suspended"],
+        }
+        if job["spec"].get("completionMode") == "Indexed":
+            status["completedIndexes"] = _ranges(succeeded)
+        if outcome is not None:
+            kind, reason, message = outcome
+            first = "SuccessCriteriaMet" if kind == "Complete" else "FailureTarget"
+            for type_ in (first, kind):
+                status["conditions"].append({"type": type_, "status": "True", "reason": reason, "message": message,
+                                             "lastProbeTime": stamp, "lastTransitionTime": stamp})  # fmt: skip
+            if kind == "Complete":
+                status["completionTime"] = stamp
+        comparable = {k: v for k, v in status.items() if k != "startTime"}
+        if all(old.get(k) == v for k, v in comparable.items()) and old.get("startTime"):
+            return
+        with contextlib.suppress(ApiError):  # deleted meanwhile: the next step sees it gone
+            self.rest.patch("jobs", self.namespace, job["metadata"]["name"], {"status": status}, sub="status")
+
+    # ------------------------------------------------------------------------------ garbage collector
+
+    def _garbage_collect(self) -> None:
+        listed = {plural: self.rest.list(plural, self.namespace) for plural in DEPENDENT_KINDS}
+        listed["finetunejobs"] = self.rest.list("finetunejobs", self.namespace)
+        present = {o["metadata"]["uid"] for items in listed.values() for o in items}
+        for plural in DEPENDENT_KINDS:
+            for obj in listed[plural]:
+                owners = obj["metadata"].get("ownerReferences") or []
+                orphaned = owners and all(o["uid"] not in present and self._owner_gone(o) for o in owners)
+                if orphaned and self.rest.delete(plural, self.namespace, obj["metadata"]["name"]):
+                    self.deleted_by_gc.append((plural, obj["metadata"]["name"]))
+        for plural, items in listed.items():
+            for obj in items:
+                if obj["metadata"].get("deletionTimestamp"):
+                    self._finalize(plural, obj, listed)
+
+    def _owner_gone(self, owner: dict[str, Any]) -> bool:
+        plural = KINDS.get(owner["kind"])
+        if plural is None:
+            return False  # a kind this cluster does not know: leave its dependents alone
+        current = self.rest.get(plural, self.namespace, owner["name"])
+        return current is None or current["metadata"]["uid"] != owner["uid"]
+
+    def _finalize(self, plural: str, obj: dict[str, Any], listed: dict[str, list[dict[str, Any]]]) -> None:
+        finalizers = obj["metadata"].get("finalizers") or []
+        uid = obj["metadata"]["uid"]
+        dependents = [(p, d) for p, items in listed.items() for d in items
+                      if any(o["uid"] == uid for o in d["metadata"].get("ownerReferences") or [])]  # fmt: skip
+        if "foregroundDeletion" in finalizers:
+            for dep_plural, dep in dependents:
+                self.rest.delete(dep_plural, self.namespace, dep["metadata"]["name"], propagation="Foreground")
+            if dependents:
+                return
+        elif "orphan" in finalizers:
+            for dep_plural, dep in dependents:
+                refs = [o for o in dep["metadata"]["ownerReferences"] if o["uid"] != uid]
+                self.rest.patch(dep_plural, self.namespace, dep["metadata"]["name"],
+                                {"metadata": {"ownerReferences": refs or None}})  # fmt: skip
+        else:
+            return
+        left = [f for f in finalizers if f not in ("foregroundDeletion", "orphan")]
+        with contextlib.suppress(ApiError):
+            self.rest.patch(plural, self.namespace, obj["metadata"]["name"], {"metadata": {"finalizers": left or None}})
+
+
+class Mounts:
+    """A container's filesystem as far as its mounts go: `fs/<mountPath>` links to the volume's host folder.
+
+    A process cannot enter the container's mount namespace, so the paths it is given (arguments, env, the JSON
+    config files of mounted ConfigMaps) are rewritten into `fs`: every path at or under a mount, and every
+    folder above one (e.g. /mnt/pvc, the root of the pvc://CLAIM mounts /mnt/pvc/CLAIM).
+    """
+
+    def __init__(self, fs: Path) -> None:
+        self.fs = fs
+        self.paths: list[str] = []
+
+    def add(self, mount_path: str, host: Path) -> None:
+        link = self.fs / mount_path.strip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(host)
+        self.paths.append(mount_path.rstrip("/"))
+
+    def remap(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self.remap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.remap(v) for v in value]
+        if not isinstance(value, str) or not value.startswith("/") or value == "/":
+            return value
+        path = value.rstrip("/")
+        for mount in self.paths:
+            if path == mount or path.startswith(mount + "/") or mount.startswith(path + "/"):
+                return str(self.fs) + value
+        return value
+
+
+def field_path(pod: dict[str, Any], path: str) -> str:
+    """The downward API's fieldRef values."""
+    meta = pod["metadata"]
+    match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if match:
+        return (meta.get(match.group(1)) or {}).get(match.group(2), "")
+    simple = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "metadata.uid": meta["uid"],
+              "spec.nodeName": "local", "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
+              "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}  # fmt: skip
+    if path not in simple:
+        raise AssertionError(f"the test kubelet has no fieldRef {path}")
+    return simple[path]
+
+
+def log_tail(path: Path, lines: int) -> str:
+    if not path.exists():
+        return ""
+    with path.open("rb") as file:
+        file.seek(max(0, path.stat().st_size - 64 * 1024))
+        text = file.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _owned_by(pod: dict[str, Any], job: dict[str, Any]) -> bool:
+    return any(o["uid"] == job["metadata"]["uid"] for o in pod["metadata"].get("ownerReferences") or [])
+
+
+def _index(pod: dict[str, Any]) -> int:
+    return int((pod["metadata"].get("annotations") or {}).get(INDEX_ANNOTATION, "0"))
+
+
+def _condition(status: dict[str, Any], type_: str) -> bool:
+    return any(c.get("type") == type_ and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _exit_code(pod: dict[str, Any]) -> int | None:
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            return int(terminated["exitCode"])
+    return None
+
+
+def _pod_failure_action(policy: dict[str, Any] | None, pod: dict[str, Any]) -> tuple[str, int]:
+    """The action of the first podFailurePolicy rule that matches a failed pod ("Count" when none does)."""
+    exit_code = _exit_code(pod)
+    conditions = {(c["type"], c["status"]) for c in (pod.get("status") or {}).get("conditions") or []}
+    for number, rule in enumerate((policy or {}).get("rules") or []):
+        codes = rule.get("onExitCodes")
+        if codes and exit_code is not None:
+            values = set(codes["values"])
+            if exit_code != 0 and (exit_code in values) == (codes["operator"] == "In"):
+                return rule["action"], number
+        for pattern in rule.get("onPodConditions") or []:
+            if (pattern["type"], pattern.get("status", "True")) in conditions:
+                return rule["action"], number
+    return "Count", -1
+
+
+def _ranges(indexes: list[int]) -> str:
+    """completedIndexes as the Job controller writes it: "0-2,4"."""
+    out: list[str] = []
+    for index in sorted(indexes):
+        if out and "-" not in out[-1].split(",")[-1] and int(out[-1]) == index - 1:
+            out[-1] = f"{out[-1]}-{index}"
+        elif out and "-" in out[-1] and int(out[-1].split("-")[1]) == index - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{index}"
+        else:
+            out.append(str(index))
+    return ",".join(out)
+
+
+# ------------------------------------------------------------------------------------------ fault proxy
+
+
+@dataclasses.dataclass
+class Fault:
+    """Fail (status) or delay (seconds) the next `times` requests whose method and path match."""
+
+    method: str
+    path: str
+    """A regular expression searched in the request path."""
+    status: int | None = None
+    delay: float = 0.0
+    times: int = 1
+    hits: int = 0
+
+
+@dataclasses.dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    status: int
+    agent: str
+    body: Any
+    injected: bool
+
+
+REASONS = {409: "AlreadyExists", 422: "Invalid", 500: "InternalError", 503: "ServiceUnavailable", 403: "Forbidden"}
+
+
+class FaultProxy:
+    """A loopback HTTPS proxy in front of the API server that records every request and injects faults."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.source = kubeconfig
+        self.upstream = Rest(kubeconfig)
+        self.pki = Path(self.upstream.tls["ca"]).parent  # the server's own certificate is served by the proxy
+        self.faults: list[Fault] = []
+        self.requests: list[Recorded] = []
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def kubeconfig(self, path: Path) -> Path:
+        """A copy of the admin kubeconfig that talks to the server through this proxy."""
+        config = yaml.safe_load(self.source.read_text())
+        for cluster in config["clusters"]:
+            cluster["cluster"]["server"] = f"https://127.0.0.1:{self.port}"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def inject(self, *faults: Fault) -> None:
+        with self._lock:
+            self.faults.extend(faults)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def made(self, method: str, path: str, status: int | None = None) -> list[Recorded]:
+        """The requests (method, path regex) the operator made, optionally only those answered with `status`."""
+        with self._lock:
+            return [r for r in self.requests if r.method == method and re.search(path, r.path)
+                    and (status is None or r.status == status)]  # fmt: skip
+
+    def __enter__(self) -> FaultProxy:
+        self._thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
+        self._thread.start()
+        assert self._ready.wait(15), "the fault proxy did not start"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        if self._thread:
+            self._thread.join(15)
+        self.upstream.close()
+
+    def _serve(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(self.pki / "server.crt", self.pki / "server.key")
+        client_tls = ssl.create_default_context(cafile=self.upstream.tls["ca"])
+        client_tls.load_cert_chain(self.upstream.tls["cert"], self.upstream.tls["key"])
+        session = ClientSession(connector=TCPConnector(ssl=client_tls), timeout=ClientTimeout(total=None),
+                                auto_decompress=False)  # fmt: skip
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            fault = self._match(request.method, request.path)
+            agent = request.headers.get("User-Agent", "")
+            parsed = _json_or_none(body)
+            if fault is not None and fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault is not None and fault.status:
+                self._record(request, fault.status, agent, parsed, injected=True)
+                reason = REASONS.get(fault.status, "InternalError")
+                status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                          "message": f"injected by the test proxy: {reason}", "reason": reason,
+                          "code": fault.status}  # fmt: skip
+                return web.json_response(status, status=fault.status)
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+            # As sent: a body without Content-Type (the kubernetes client's creates) must not become octet-stream.
+            async with session.request(request.method, self.upstream.server + request.path_qs, data=body or None,
+                                       headers=headers, skip_auto_headers=("Content-Type",)) as upstream:  # fmt: skip
+                self._record(request, upstream.status, agent, parsed, injected=False)
+                response = web.StreamResponse(status=upstream.status)
+                for key, value in upstream.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
+                        response.headers[key] = value
+                with contextlib.suppress(ConnectionError):  # the client went away (a watch of a killed operator)
+                    await response.prepare(request)
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+                    await response.write_eof()
+                return response
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._ready.set()
+        await self._stopping.wait()
+        await runner.cleanup()
+        await session.close()
+
+    def _match(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.hits < fault.times and fault.method == method and re.search(fault.path, path):
+                    fault.hits += 1
+                    return fault
+        return None
+
+    def _record(self, request: Any, status: int, agent: str, body: Any, injected: bool) -> None:
+        with self._lock:
+            self.requests.append(Recorded(request.method, request.path, request.query_string, status, agent, body,
+                                          injected))  # fmt: skip
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
+
+
+# -------------------------------------------------------------------------------------- the operator
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child is SIGKILLed when the process (thread) that started it dies, even by SIGKILL, so a
+    killed test run leaves no operator or stage process behind (Linux)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OperatorProcess:
+    """`finetune-operator operator -n NAMESPACE` with KUBECONFIG, as a user runs it; its output goes to a file."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, poll_seconds: float = 1.0,
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.kubeconfig, self.namespace, self.log, self.args = kubeconfig, namespace, log, args
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FINETUNE_POLL_SECONDS": str(poll_seconds),
+                    **(env or {})}  # fmt: skip
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, wait_ready: bool = True) -> OperatorProcess:
+        self.health = free_port()
+        argv = [sys.executable, "-m", "finetune_operator", "operator", "--namespace", self.namespace,
+                "--liveness", f"http://127.0.0.1:{self.health}/healthz", "--metrics-port", "0", *self.args]  # fmt: skip
+        with self.log.open("ab") as out:
+            out.write(f"\n===== start {self.starts + 1} =====\n".encode())
+            self.process = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+        self.starts += 1
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until kopf's liveness endpoint answers (the operator has started its watches)."""
+        import urllib.request
+
+        def answered() -> bool:
+            if self.process is None or self.process.poll() is not None:
+                raise AssertionError(f"the operator exited ({self.process and self.process.returncode}):\n"
+                                     + self.tail())  # fmt: skip
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{self.health}/healthz", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_until(answered, timeout, "the operator's liveness endpoint", interval=0.2)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers run, whatever was in flight is lost."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(15)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def tail(self, lines: int = 60) -> str:
+        return log_tail(self.log, lines)
+
+    def __enter__(self) -> OperatorProcess:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running(*things: Any) -> Iterator[None]:
+    """Stop everything started, in reverse order, whatever happens."""
+    with contextlib.ExitStack() as stack:
+        for thing in things:
+            stack.enter_context(thing)
+        yield

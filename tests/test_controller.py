@@ -1,0 +1,104 @@
+"""The controller's scheduling, without a server: coalesced reconciles, retries of failed ones, what the poll visits,
+and when a status write is skipped. (The controller on the real API server: tests/test_cluster_e2e.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import time
+from typing import Any
+
+import kopf
+import pytest
+
+from finetune_operator import controller
+from finetune_operator.cluster.kube import ApiCallError, KubeApi
+from finetune_operator.cluster.telemetry import OperatorMetrics
+from finetune_operator.controller import Failure, State
+
+KEY = ("ml", "demo")
+
+
+@pytest.fixture
+def memo() -> Any:
+    memo = kopf.Memo()
+    memo.api = KubeApi()
+    memo.state = State(api=memo.api, executor=concurrent.futures.ThreadPoolExecutor(2))
+    memo.metrics = OperatorMetrics()
+    memo.written = {}
+    memo.indexes = {"finetunejobs": {}, "stage_jobs": {}, "stage_pods": {}}
+    yield memo
+    memo.state.executor.shutdown(wait=False)
+
+
+async def settle(predicate: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not reached"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_events_that_arrive_during_a_reconcile_fold_into_one_more_pass(memo, monkeypatch):
+    passes: list[tuple[str, str]] = []
+
+    async def one_pass(key: tuple[str, str], _: Any) -> None:
+        passes.append(key)
+        await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(controller, "_reconcile", one_pass)
+    await asyncio.gather(*(controller.reconcile(KEY, memo, {}) for _ in range(10)))
+    assert passes == [KEY, KEY]  # the first event's pass, then one for the nine that came during it
+    await controller.reconcile(("ml", "other"), memo, {})
+    assert passes[-1] == ("ml", "other")
+
+
+@pytest.mark.asyncio
+async def test_a_failed_reconcile_is_retried_with_backoff_shown_once_and_forgotten_on_success(memo, monkeypatch):
+    monkeypatch.setattr(controller, "RETRY_BASE_SECONDS", 0.02)
+    attempts: list[float] = []
+    reports: list[str] = []
+
+    async def failing_four_times(key: tuple[str, str], _: Any) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) <= 4:
+            raise ApiCallError("create Job ml/demo-prepare", "500 Internal Server Error: etcd timeout", status=500)
+
+    async def report(key: tuple[str, str], _: Any, error: str) -> bool:
+        reports.append(error)
+        return True
+
+    monkeypatch.setattr(controller, "_reconcile", failing_four_times)
+    monkeypatch.setattr(controller, "_report", report)
+    await controller.reconcile(KEY, memo, {})  # an event handler: it returns, kopf sees no exception
+    await settle(lambda: len(attempts) == 5 and KEY not in memo.state.failures)
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert gaps[3] > gaps[0]  # the backoff grows
+    assert reports == ["create Job ml/demo-prepare: 500 Internal Server Error: etcd timeout"]  # at the 3rd failure
+    assert memo.metrics.reconcile_errors._value.get() == 4
+
+
+def test_the_poll_visits_active_never_reconciled_and_due_jobs_not_finished_or_failing_ones(memo):
+    now = time.monotonic()
+    memo.written.update({
+        ("ml", "training"): {"status": {"phase": "Training"}},
+        ("ml", "pending"): {"status": {"phase": "Pending"}},
+        ("ml", "done"): {"status": {"phase": "Succeeded"}},
+        ("ml", "ttl-due"): {"status": {"phase": "Succeeded"}},
+        ("ml", "ttl-later"): {"status": {"phase": "Failed"}},
+    })  # fmt: skip
+    memo.state.due.update({("ml", "ttl-due"): now - 1, ("ml", "ttl-later"): now + 60})
+    memo.state.failures[("ml", "failing")] = Failure(count=2)  # its retry timer brings it back
+    keys = [*memo.written, ("ml", "first-reconcile-failed"), ("ml", "failing")]
+    visited = {k[1] for k in keys if controller._wants_visit(memo, k, now)}
+    assert visited == {"training", "pending", "ttl-due", "first-reconcile-failed"}
+
+
+def test_a_status_that_differs_only_in_progress_updated_at_is_not_written_again():
+    before = {"phase": "Training", "progress": {"step": 5, "updatedAt": "2026-11-27T10:00:00Z"}}
+    same = {"phase": "Training", "progress": {"step": 5, "updatedAt": "2026-11-27T10:00:05Z"}}
+    moved = {"phase": "Training", "progress": {"step": 6, "updatedAt": "2026-11-27T10:00:05Z"}}
+    assert controller._comparable(before) == controller._comparable(same)
+    assert controller._comparable(before) != controller._comparable(moved)
