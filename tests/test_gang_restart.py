@@ -38,6 +38,9 @@ from .conftest import first_word_rows, local_spec, write_jsonl
 
 STEPS = 12
 EVERY = 3
+# Each test starts several multi-process runs (every process imports torch and transformers); on 2 busy cores that
+# can take longer than the suite's default per-test timeout.
+SLOW_TIMEOUT = pytest.mark.timeout(1800)
 
 
 class Recorder(Reporter):
@@ -137,6 +140,7 @@ def test_exceptions_are_classified_transient_or_not():
 
 
 @pytest.mark.slow
+@SLOW_TIMEOUT
 @pytest.mark.parametrize("workers", [2, 3])
 def test_a_killed_worker_restarts_the_gang_from_the_last_checkpoint(tmp_path, tmp_path_factory, micro_model, workers):
     want = reference_losses(tmp_path_factory, micro_model, workers)
@@ -191,6 +195,7 @@ def start_workers(job: FineTuneJob, run: LocalRun, port: int) -> list[subprocess
 
 
 @pytest.mark.slow
+@SLOW_TIMEOUT
 def test_sigterm_checkpoints_every_rank_at_the_same_step_and_the_same_command_resumes_there(
     tmp_path, tmp_path_factory, micro_model
 ):
@@ -272,6 +277,7 @@ def restore_pythonpath():
 
 
 @pytest.mark.slow
+@SLOW_TIMEOUT
 def test_a_config_error_on_rank_1_exits_3_from_the_launcher_without_a_retry(tmp_path, micro_model, restore_pythonpath):
     job, run = prepared(tmp_path, micro_model, 2)
     inject(tmp_path, "1", "raise StageError('spec.training.learningRate: too high (injected)', config_error=True)")
@@ -284,6 +290,7 @@ def test_a_config_error_on_rank_1_exits_3_from_the_launcher_without_a_retry(tmp_
 
 
 @pytest.mark.slow
+@SLOW_TIMEOUT
 def test_a_bug_fails_fast_with_its_traceback_in_the_log_and_one_line_in_the_summary(
     tmp_path, micro_model, restore_pythonpath
 ):
