@@ -93,8 +93,9 @@ def test_stage_jobs_carry_the_contract():
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In",
-                                                             "values": [3, 4]}}  # fmt: skip
+                                                             "values": [3, 4, 5]}}  # fmt: skip
     assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 300
     container = objs.container
     assert container["command"][:3] == ["finetune-operator", "stage", "prepare"]
     assert container["command"][-1] == "/workspace/run-1"
@@ -102,6 +103,17 @@ def test_stage_jobs_carry_the_contract():
     assert '"job": "demo"' in config_map["data"]["config.json"]
     pvc = next(o for o in objs.extra if o["kind"] == "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == "demo-workspace" and pvc["spec"]["resources"]["requests"]["storage"] == "100Gi"
+
+
+def test_train_is_one_gang_attempt_per_job_and_the_operator_counts_retries():
+    job = job_from(MINIMAL_JOB, runPolicy={"backoffLimit": 5, "terminationGracePeriodSeconds": 900})
+    spec = build_stage(job, "train").job["spec"]
+    # The first failed worker fails the Job (the others are stopped); the operator starts the next attempt.
+    assert spec["backoffLimit"] == 0
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [3, 4, 5]
+    assert rules[1] == {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 900
 
 
 def test_single_worker_train_is_indexed_without_a_service():

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,15 @@ from .api.job import FineTuneJob
 from .api.status import FINISHED_PHASES, FineTuneJobStatus
 from .api.validation import InvalidJobError, Problem, load_job, local_path
 from .planner import Observed, ObservedStage, Plan, config_hash, plan, stages_for
-from .stages.contract import EXIT_CONFIG_ERROR, EXIT_GATE_FAILED, StageConfig, Workdir, parse_line
+from .stages.contract import (
+    StageConfig,
+    Workdir,
+    counts_against_backoff,
+    exit_reason,
+    most_significant,
+    parse_line,
+    retryable,
+)
 
 STATUS_FILE = "status.yaml"
 WORK_DIR = ".work"
@@ -116,6 +125,9 @@ class Reporter:
         print(f"[{kind}] {reason}: {message}", flush=True)
 
     def stage_started(self, stage: str) -> None: ...
+
+    def workers_started(self, stage: str, attempt: int, pids: list[int]) -> None:
+        """An attempt of `stage` started these worker processes (each leads its own process group)."""
 
     def record(self, stage: str, record: dict[str, Any]) -> None: ...
 
@@ -207,74 +219,162 @@ def _pump(proc: subprocess.Popen, stage: str, reporter: Reporter, log: Any) -> N
 
 
 def run_stage_processes(job: FineTuneJob, run: LocalRun, stage: str, reporter: Reporter) -> int:
-    """Run one stage to completion (retrying like a Job's backoffLimit); returns the last exit code."""
+    """Run one stage to completion; returns the last exit code.
+
+    Each attempt runs every worker of the stage; when one fails the others are stopped at once (a gang: no
+    survivor waits on a dead peer) and a retryable failure starts all of them again, train resuming from the
+    newest complete checkpoint. Non-retryable codes (config error, gate, bug) end the stage on the first attempt;
+    a SIGTERM'd attempt (EXIT_PREEMPTED) is retried without costing one of spec.runPolicy.backoffLimit's retries.
+    """
     work = run.workdir(job.status.run)
     config = stage_config(job, run, work, stage)
-    workers = job.spec.resources.workers if stage == "train" else 1
     limit = job.spec.run_policy.backoff_limit
-    code = 1
-    for attempt in range(1, limit + 2):
-        port = _free_port()
-        log = (work.root / f"{stage}.log").open("a", buffering=1)
-        procs, pumps = [], []
-        for index in range(workers):
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if stage == "train" and workers > 1:
-                env.update(_train_env(job, index, port))
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "finetune_operator.stages",
-                    stage,
-                    "--config",
-                    str(config),
-                    "--workdir",
-                    str(work.root),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=env,
-                start_new_session=True,
-            )
-            procs.append(proc)
-            pumps.append(threading.Thread(target=_pump, args=(proc, stage, reporter, log), daemon=True))
-            pumps[-1].start()
-        try:
-            codes = [p.wait() for p in procs]
-        except KeyboardInterrupt:
-            for p in procs:
-                with_suppressed(lambda p=p: os.killpg(p.pid, signal.SIGTERM))
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    with_suppressed(lambda p=p: os.killpg(p.pid, signal.SIGKILL))
-            raise
-        finally:
-            for t in pumps:
-                t.join(timeout=5)
-            log.close()
-        code = next((c for c in codes if c != 0), 0)
-        summary_file = work.summary_file(stage)
-        if summary_file.exists():
-            summary = json.loads(summary_file.read_text())
-            summary["attempts"] = attempt
-            summary_file.write_text(json.dumps(summary, indent=2))
-        if code in (0, EXIT_CONFIG_ERROR, EXIT_GATE_FAILED) or attempt > limit:
+    restarts: list[dict[str, Any]] = []
+    counted = attempt = 0
+    while True:
+        attempt += 1
+        work.summary_file(stage).unlink(missing_ok=True)  # this attempt's result replaces the last one's
+        codes = _run_attempt(job, work, config, stage, attempt, reporter)
+        code = most_significant(codes)
+        if not retryable(code):
             break
-        reporter.event("Warning", "StageRetry", f"{stage} exited with {code}; retry {attempt}/{limit}")
-    if code != 0 and not work.summary_file(stage).exists():
-        # A crash before the stage wrote its summary still has to reach the planner as a failure.
-        work.summary_file(stage).parent.mkdir(parents=True, exist_ok=True)
-        work.summary_file(stage).write_text(
-            json.dumps(
-                {"stage": stage, "run": job.status.run, "ok": False,
-                 "message": crash_message(code, (work.root / f"{stage}.log").read_text()[-20_000:])}
-            )
-        )  # fmt: skip
+        counted += counts_against_backoff(code)
+        restarts.append(_attempt_record(work, stage, attempt, code, counts_against_backoff(code)))
+        if counted > limit or len(restarts) > MAX_ATTEMPTS:
+            break
+        resume = _resume_point(work) if stage == "train" else None
+        reporter.event(
+            "Warning",
+            "StageRestart",
+            f"{stage} attempt {attempt} ended: {restarts[-1]['reason']} (exit {code}); restarting"
+            + (f" all {len(codes)} workers" if len(codes) > 1 else "")
+            + (f" from {resume}" if resume else "")
+            + (f" (retry {counted}/{limit})" if counts_against_backoff(code) else " (a disruption: no retry used)"),
+        )
+    _record_attempts(job, work, stage, code, attempt, restarts)
     return code
+
+
+MAX_ATTEMPTS = 50
+"""A bound on attempts that do not count (preemptions), so no loop runs forever."""
+
+
+def _run_attempt(
+    job: FineTuneJob, work: Workdir, config: Path, stage: str, attempt: int, reporter: Reporter
+) -> list[int]:
+    """Start every worker of the stage and supervise them; returns the exit codes in the order they ended."""
+    workers = job.spec.resources.workers if stage == "train" else 1
+    port = _free_port()
+    log = (work.root / f"{stage}.log").open("a", buffering=1)
+    log.write(f"--- attempt {attempt} ({workers} worker(s)) ---\n")
+    procs, pumps = [], []
+    for index in range(workers):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if stage == "train" and workers > 1:
+            env.update(_train_env(job, index, port))
+        command = [sys.executable, "-m", "finetune_operator.stages", stage, "--config", str(config)]
+        proc = subprocess.Popen(
+            [*command, "--workdir", str(work.root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        pumps.append(threading.Thread(target=_pump, args=(proc, stage, reporter, log), daemon=True))
+        pumps[-1].start()
+    reporter.workers_started(stage, attempt, [p.pid for p in procs])
+    try:
+        return supervise(procs, job.spec.run_policy.termination_grace_period_seconds)
+    except BaseException:
+        stop_all(procs, grace=30)
+        raise
+    finally:
+        for t in pumps:
+            t.join(timeout=5)
+        log.close()
+
+
+def supervise(procs: list[subprocess.Popen], grace: float, poll: float = 0.2) -> list[int]:
+    """Wait for a group of processes that only make sense together: the first failure stops the rest
+    (SIGTERM to each process group, SIGKILL after `grace` seconds). Exit codes in the order they ended."""
+    ended: dict[int, int] = {}
+    stopping_since: float | None = None
+    while len(ended) < len(procs):
+        for index, proc in enumerate(procs):
+            if index not in ended and proc.poll() is not None:
+                ended[index] = proc.returncode
+        if stopping_since is None and any(code != 0 for code in ended.values()):
+            stopping_since = time.monotonic()
+            for index, proc in enumerate(procs):
+                if index not in ended:
+                    with_suppressed(lambda p=proc: os.killpg(p.pid, signal.SIGTERM))
+        if stopping_since is not None and time.monotonic() - stopping_since > grace:
+            for index, proc in enumerate(procs):
+                if index not in ended:
+                    with_suppressed(lambda p=proc: os.killpg(p.pid, signal.SIGKILL))
+        time.sleep(poll)
+    return list(ended.values())
+
+
+def stop_all(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM every process group, SIGKILL what is left after `grace` seconds."""
+    for p in procs:
+        with_suppressed(lambda p=p: os.killpg(p.pid, signal.SIGTERM))
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            with_suppressed(lambda p=p: os.killpg(p.pid, signal.SIGKILL))
+            p.wait()
+
+
+def _resume_point(work: Workdir) -> str | None:
+    from .stages.train import latest_valid_checkpoint
+
+    found = latest_valid_checkpoint(work.checkpoints)
+    return found.name if found else None
+
+
+def _attempt_record(work: Workdir, stage: str, attempt: int, code: int, counted: bool) -> dict[str, Any]:
+    message = None
+    if work.summary_file(stage).exists():
+        message = json.loads(work.summary_file(stage).read_text()).get("message")
+    resume = _resume_point(work) if stage == "train" else None
+    return {
+        "attempt": attempt,
+        "reason": exit_reason(code),
+        "exitCode": code,
+        "message": message,
+        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "countsAgainstBackoffLimit": counted,
+        "resumeFrom": resume,
+    }
+
+
+def _record_attempts(
+    job: FineTuneJob, work: Workdir, stage: str, code: int, attempts: int, restarts: list[dict[str, Any]]
+) -> None:
+    """Attempts and restarts go into the stage summary, which the planner copies into status."""
+    file = work.summary_file(stage)
+    if code != 0 and not file.exists():
+        # A crash before the stage wrote its summary still has to reach the planner as a failure.
+        summary: dict[str, Any] = {
+            "stage": stage,
+            "run": job.status.run,
+            "ok": False,
+            "message": crash_message(code, (work.root / f"{stage}.log").read_text()[-20_000:]),
+            "exitCode": code,
+        }
+    elif file.exists():
+        summary = json.loads(file.read_text())
+    else:
+        return
+    summary.update(attempts=attempts, restarts=restarts)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(summary, indent=2))
 
 
 EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)|[A-Za-z_][\w.]*Error)\b.*")

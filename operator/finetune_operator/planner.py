@@ -20,17 +20,21 @@ from .api.spec import STAGES, FineTuneJobSpec
 from .api.status import (
     ACTIVE_PHASES,
     FINISHED_PHASES,
+    MAX_RESTARTS_KEPT,
     Artifact,
+    CheckpointRef,
     Condition,
     FineTuneJobStatus,
     GateResult,
     Lineage,
     MetricsStatus,
     Progress,
+    RestartRecord,
     RunRecord,
     ServingConfigStatus,
     StageStatus,
 )
+from .stages.contract import counts_against_backoff, exit_reason, retryable
 
 STAGE_PHASE = {"prepare": "Preparing", "train": "Training", "evaluate": "Evaluating", "export": "Exporting"}
 RUN_DEFINING = ("model", "dataset", "method", "training", "distributed")
@@ -60,6 +64,19 @@ class ObservedStage:
     completion_time: str | None = None
     results_pending: bool = False
     """The stage ended but the pod carrying its summary is not in view yet (separate watches lag)."""
+    ended_attempt: EndedAttempt | None = None
+    """How a failed train Job's attempt ended (cluster): the planner restarts the whole gang when it can."""
+
+
+@dataclass
+class EndedAttempt:
+    """A failed attempt of a gang stage, as read from its Job and pods."""
+
+    uid: str
+    """The Job's uid."""
+    exit_code: int
+    """The exit code that decided (see stages.contract.most_significant); 75 for a disruption."""
+    message: str | None = None
 
 
 @dataclass
@@ -144,6 +161,9 @@ def _progress(record: dict[str, Any], now: dt.datetime) -> Progress:
         eta=format_eta(record.get("etaSeconds")),
         percent=int(100 * step / total) if total else None,
         updated_at=timestamp(now),
+        last_checkpoint=CheckpointRef.model_validate(record["lastCheckpoint"])
+        if record.get("lastCheckpoint")
+        else None,
     )
 
 
@@ -170,9 +190,11 @@ def _absorb_summary(status: FineTuneJobStatus, stage: str, summary: dict[str, An
         lineage.model_revision = summary["lineage"].get("modelRevision") or lineage.model_revision
         lineage.dataset_fingerprint = summary["lineage"].get("datasetFingerprint")
         status.lineage = lineage
+    _absorb_restarts(getattr(status.stages, stage), summary)
     if stage == "train" and summary.get("progress"):
         final = dict(summary["progress"])
         final.update(step=summary.get("steps", final.get("step")), etaSeconds=0)
+        final["lastCheckpoint"] = summary.get("lastCheckpoint") or final.get("lastCheckpoint")
         status.progress = _progress(
             final,
             (parse_time(status.progress.updated_at) if status.progress else None) or now,
@@ -190,6 +212,13 @@ def _absorb_summary(status: FineTuneJobStatus, stage: str, summary: dict[str, An
         status.artifacts = [Artifact.model_validate(a) for a in summary.get("artifacts", [])]
         if summary.get("servingConfig"):
             status.serving_config = ServingConfigStatus.model_validate(summary["servingConfig"])
+
+
+def _absorb_restarts(record: StageStatus | None, summary: dict[str, Any]) -> None:
+    """Local mode restarts inside the stage and reports its attempts in the summary."""
+    if record is not None and summary.get("restarts"):
+        record.restarts = [RestartRecord.model_validate(r) for r in summary["restarts"]][-MAX_RESTARTS_KEPT:]
+        record.retries_used = sum(r.counts_against_backoff_limit for r in record.restarts)
 
 
 def _set_condition(
@@ -377,6 +406,51 @@ def plan(job: FineTuneJob, observed: Observed, now: dt.datetime) -> Plan:
     return result
 
 
+def _restart_gang(
+    job: FineTuneJob,
+    status: FineTuneJobStatus,
+    record: StageStatus,
+    ended: EndedAttempt,
+    result: Plan,
+    now: dt.datetime,
+) -> bool:
+    """Replace a failed train Job as a whole (every worker, from the newest complete checkpoint) when the failure
+    is retryable and retries are left; disruptions cost none. Returns False when the stage has failed for good."""
+    code = ended.exit_code
+    if not retryable(code):
+        return False
+    counted = counts_against_backoff(code)
+    recorded = any(r.job_uid == ended.uid for r in record.restarts)
+    if not recorded:
+        limit = job.spec.run_policy.backoff_limit
+        if counted and record.retries_used >= limit:
+            return False
+        checkpoint = status.progress.last_checkpoint if status.progress else None
+        record.restarts = [
+            *record.restarts,
+            RestartRecord(
+                attempt=record.attempts or 1,
+                reason=exit_reason(code),  # type: ignore[arg-type]
+                exit_code=code,
+                message=ended.message,
+                time=timestamp(now),
+                counts_against_backoff_limit=counted,
+                resume_from=f"checkpoint-{checkpoint.step}" if checkpoint else None,
+                job_uid=ended.uid,
+            ),
+        ][-MAX_RESTARTS_KEPT:]
+        record.retries_used += counted
+        record.attempts = (record.attempts or 1) + 1
+    last = record.restarts[-1]
+    record.state = "Running"
+    record.message = f"attempt {last.attempt} ended ({last.reason}, exit {last.exit_code}); attempt {record.attempts} "
+    record.message += f"resumes from {last.resume_from}" if last.resume_from else "starts from the beginning"
+    status.message = f"train restarting: {record.message}"
+    result.stop = ["train"]  # the new attempt's Job is created once the failed one is gone
+    result.requeue_after = 2
+    return True
+
+
 def _finish_housekeeping(job: FineTuneJob, status: FineTuneJobStatus, result: Plan, now: dt.datetime) -> None:
     ttl = job.spec.run_policy.ttl_seconds_after_finished
     done = parse_time(status.completion_time)
@@ -447,8 +521,12 @@ def _advance(
             )
             _absorb_summary(status, stage, seen.summary, now)
             continue
+        if seen.failed and seen.ended_attempt and _restart_gang(job, status, record, seen.ended_attempt, result, now):
+            status.phase, status.current_stage = STAGE_PHASE[stage], stage  # type: ignore[assignment]
+            return False
         if seen.failed:
             summary = seen.summary or {}
+            _absorb_restarts(record, summary)
             record.state = "Failed"
             record.attempts = max(record.attempts, seen.attempts, 1)
             record.completion_time = seen.completion_time or stamp

@@ -375,6 +375,9 @@ class DistributedSpec(ApiModel):
     """ddp: every GPU holds a replica; fsdp: parameters, gradients and optimizer state are sharded."""
     master_port: Annotated[int, Field(ge=1024, le=65535)] = 29500
     """Rendezvous port on worker 0."""
+    collective_timeout_seconds: Annotated[int, Field(ge=30, le=86_400)] = 300
+    """How long a collective (all-reduce, barrier) may wait for a peer before the worker fails, so a hung or
+    lost worker becomes a restart of all workers from the last checkpoint instead of a 30-minute hang."""
 
 
 class Toleration(ApiModel):
@@ -626,7 +629,12 @@ class RunPolicy(ApiModel):
     suspend: bool = False
     """Stop the active stage (finished stages are kept) until set back to false."""
     backoff_limit: Annotated[int, Field(ge=0, le=20)] = 2
-    """Retries of each stage's pods before the stage fails (train retries resume from the last checkpoint)."""
+    """Retries of each stage before it fails. A train retry restarts all workers from the newest complete
+    checkpoint. Preemptions and evictions (SIGTERM, DisruptionTarget) do not count; config errors (exit 3), failed
+    gates (4) and bugs (5) are never retried."""
+    termination_grace_period_seconds: Annotated[int, Field(ge=5, le=86_400)] = 300
+    """The stage pods' terminationGracePeriodSeconds: on SIGTERM (preemption, eviction, spot reclaim) training
+    finishes its step and saves a checkpoint at the same step on every worker within this time."""
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
     """Fail the whole run when it has been active this long."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None

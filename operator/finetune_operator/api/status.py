@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -12,6 +12,7 @@ Phase = Literal["Pending", "Preparing", "Training", "Evaluating", "Exporting", "
 ACTIVE_PHASES = ("Preparing", "Training", "Evaluating", "Exporting")
 FINISHED_PHASES = ("Succeeded", "Failed")
 StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+MAX_RESTARTS_KEPT = 20
 
 
 class Condition(ApiModel):
@@ -31,6 +32,33 @@ class Condition(ApiModel):
     """What happened, for a person."""
 
 
+RestartReason = Literal["WorkerLost", "Preempted", "OOM", "Error"]
+
+
+class RestartRecord(ApiModel):
+    """One attempt of a stage that ended in a retryable failure and was restarted (train: all workers together,
+    from the newest complete checkpoint). Kept in the FineTuneJob, so no child clean-up resets the count."""
+
+    attempt: int
+    """The attempt that ended (1 is the first)."""
+    reason: RestartReason
+    """WorkerLost (a worker or its node died, or a collective timed out), Preempted (SIGTERM or a
+    DisruptionTarget: eviction, preemption, node drain or shutdown; costs no retry), OOM, or Error (another
+    transient failure: I/O, network, a crash)."""
+    exit_code: int | None = None
+    """The exit code that decided (see the exit-code table in the README)."""
+    message: str | None = None
+    """What the failed attempt reported."""
+    time: str | None = None
+    """When the attempt ended (RFC 3339)."""
+    counts_against_backoff_limit: bool = True
+    """False for disruptions: they do not use up spec.runPolicy.backoffLimit."""
+    resume_from: str | None = None
+    """The checkpoint the next attempt resumed from (train)."""
+    job_uid: str | None = None
+    """The uid of the attempt's Job (cluster), so that each attempt is recorded once."""
+
+
 class StageStatus(ApiModel):
     """One stage's record."""
 
@@ -48,6 +76,10 @@ class StageStatus(ApiModel):
     """When the stage ended (RFC 3339)."""
     message: str | None = None
     """The stage's last message (the failure reason, when it failed)."""
+    restarts: Annotated[list[RestartRecord], Field(max_length=MAX_RESTARTS_KEPT)] = Field(default_factory=list)
+    """Attempts that ended in a retryable failure, oldest first (the last 20)."""
+    retries_used: int = 0
+    """Restarts counted against spec.runPolicy.backoffLimit (disruptions are not)."""
 
 
 class StagesStatus(ApiModel):
@@ -61,6 +93,17 @@ class StagesStatus(ApiModel):
     """The evaluate stage."""
     export: StageStatus | None = None
     """The export stage."""
+
+
+class CheckpointRef(ApiModel):
+    """A complete checkpoint: every worker saved its part."""
+
+    step: int
+    """The optimizer step it holds; a resume continues at the next step."""
+    time: str | None = None
+    """When it was completed (RFC 3339)."""
+    location: str | None = None
+    """Where it is (a path on the shared workspace)."""
 
 
 class Progress(ApiModel):
@@ -84,6 +127,8 @@ class Progress(ApiModel):
     """step / totalSteps in percent (the Progress printer column)."""
     updated_at: str | None = None
     """When this progress was read (RFC 3339)."""
+    last_checkpoint: CheckpointRef | None = None
+    """The newest complete checkpoint: where a restart or a resume continues from."""
 
 
 class GateResult(ApiModel):

@@ -326,17 +326,20 @@ class KubeApi:
             raise
         return "replaced"
 
-    def _delete(self, action: str, fn: Any, *args: Any) -> None:
+    def _delete(self, action: str, fn: Any, *args: Any, propagation: str = "Background") -> None:
         try:
-            self.call(action, fn, *args, propagation_policy="Background")
+            self.call(action, fn, *args, propagation_policy=propagation)
         except ApiCallError as exc:
             if exc.status != 404:
                 raise
 
     def delete_stage(self, namespace: str, name: str) -> None:
-        """Delete one stage's Job (its pods go with it), ConfigMap, Service and PodGroup."""
+        """Delete one stage's Job (its pods go with it), ConfigMap, Service and PodGroup.
+
+        Foreground: the Job stays (terminating) until its pods are gone, so the next attempt's Job of the same name
+        is created only then: no old worker still saving into the workspace or answering the rendezvous address."""
         where = f"{namespace}/{name}"
-        self._delete(f"delete Job {where}", self.batch.delete_namespaced_job, name, namespace)
+        self._delete(f"delete Job {where}", self.batch.delete_namespaced_job, name, namespace, propagation="Foreground")
         self._delete(
             f"delete ConfigMap {where}-config", self.core.delete_namespaced_config_map, f"{name}-config", namespace
         )

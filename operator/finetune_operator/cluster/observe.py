@@ -10,8 +10,16 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from ..planner import Observed, ObservedStage
-from ..stages.contract import parse_line
+from ..planner import EndedAttempt, Observed, ObservedStage
+from ..stages.contract import (
+    EXIT_FAILURE,
+    EXIT_OUT_OF_MEMORY,
+    EXIT_PREEMPTED,
+    SIGKILL_EXIT_CODE,
+    most_significant,
+    parse_line,
+    retryable,
+)
 
 
 def _condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -31,6 +39,7 @@ def _termination_summary(pods: Iterable[dict[str, Any]], phase: str) -> dict[str
             -_finished_at(p),
         )
     )
+    found = []
     for pod in ended:
         for status in (pod.get("status") or {}).get("containerStatuses") or []:
             terminated = (status.get("state") or {}).get("terminated") or {}
@@ -40,10 +49,12 @@ def _termination_summary(pods: Iterable[dict[str, Any]], phase: str) -> dict[str
             try:
                 summary = json.loads(message)
             except json.JSONDecodeError:
-                return {"ok": False, "message": message.strip()[-500:]}  # FallbackToLogsOnError: the log tail
+                summary = {"ok": False, "message": message.strip()[-500:]}  # FallbackToLogsOnError: the log tail
             if isinstance(summary, dict):
-                return summary
-    return None
+                found.append(summary)
+    # A non-retryable failure on any worker is the cause; the others' messages are its consequences.
+    causes = [s for s in found if not retryable(int(s.get("exitCode", 0) or 0)) and s.get("exitCode")]
+    return (causes or found or [None])[0]
 
 
 def _finished_at(pod: dict[str, Any]) -> float:
@@ -67,7 +78,50 @@ def last_progress(log_tail: str | None) -> dict[str, Any] | None:
     return None
 
 
-def observe_stage(job: dict[str, Any], pods: list[dict[str, Any]], log_tail: str | None = None) -> ObservedStage:
+def _pod_exit_code(pod: dict[str, Any]) -> int | None:
+    """How one pod of a gang ended, as a stage exit code: a disruption (DisruptionTarget: eviction, preemption,
+    node drain or shutdown) reads as EXIT_PREEMPTED whatever the container said; the kernel's OOM kill as OOM."""
+    status = pod.get("status") or {}
+    if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or []):
+        return EXIT_PREEMPTED
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated") or {}
+        if terminated:
+            if terminated.get("reason") == "OOMKilled":
+                return EXIT_OUT_OF_MEMORY
+            return int(terminated.get("exitCode", EXIT_FAILURE))
+    return SIGKILL_EXIT_CODE if status.get("phase") == "Failed" else None  # gone without a container status
+
+
+def ended_attempt(job: dict[str, Any], pods: list[dict[str, Any]]) -> EndedAttempt:
+    """How a failed gang Job's attempt ended: the most significant of its failed pods' codes, first failure
+    first (its victims saw a lost peer, or were stopped when the Job failed)."""
+    failed = sorted((p for p in pods if (p.get("status") or {}).get("phase") == "Failed"), key=_finished_at)
+    codes = [c for c in (_pod_exit_code(p) for p in failed) if c is not None]
+    condition = _condition(job, "Failed") or {}
+    message = condition.get("message")
+    if not codes:
+        # The pods are gone; the Job's condition still names a pod failure policy match or the backoff limit.
+        text = f"{condition.get('reason', '')} {message or ''}"
+        codes = [EXIT_PREEMPTED] if "DisruptionTarget" in text else [_code_in(text)]
+    summary = _termination_summary(pods, "Failed") or {}
+    return EndedAttempt(
+        uid=(job.get("metadata") or {}).get("uid") or (job.get("metadata") or {}).get("name", ""),
+        exit_code=most_significant(codes) or EXIT_FAILURE,
+        message=summary.get("message") or message,
+    )
+
+
+def _code_in(text: str) -> int:
+    import re
+
+    match = re.search(r"exit code (\d+)", text)
+    return int(match.group(1)) if match else EXIT_FAILURE
+
+
+def observe_stage(
+    job: dict[str, Any], pods: list[dict[str, Any]], log_tail: str | None = None, gang: bool = False
+) -> ObservedStage:
     status = job.get("status") or {}
     spec = job.get("spec") or {}
     complete, failed = _condition(job, "Complete"), _condition(job, "Failed")
@@ -88,6 +142,7 @@ def observe_stage(job: dict[str, Any], pods: list[dict[str, Any]], log_tail: str
         progress=last_progress(log_tail),
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime") or (failed or {}).get("lastTransitionTime"),
+        ended_attempt=ended_attempt(job, pods) if gang and failed else None,
     )
 
 
@@ -112,5 +167,5 @@ def observe(
             or ((p.get("metadata") or {}).get("labels") or {}).get("batch.kubernetes.io/job-name")
             == job["metadata"]["name"]
         ]
-        observed.stages[stage] = observe_stage(job, mine, (logs or {}).get(stage))
+        observed.stages[stage] = observe_stage(job, mine, (logs or {}).get(stage), gang=stage == "train")
     return observed

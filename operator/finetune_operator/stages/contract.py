@@ -20,12 +20,98 @@ from pydantic import BaseModel, Field
 
 from ..api.spec import FineTuneJobSpec
 
-# Exit codes. The operator's podFailurePolicy fails a stage at once on EXIT_CONFIG_ERROR (retrying cannot help);
-# any other non-zero code is retried up to spec.runPolicy.backoffLimit times.
+# Exit codes: the one taxonomy every path honours (the stage program, the torchrun launcher, the local supervisor
+# and the cluster Job's podFailurePolicy). Non-retryable codes fail the stage at once; retryable ones restart it
+# (train: all workers together, from the newest complete checkpoint); EXIT_PREEMPTED does not count as a retry.
 EXIT_OK = 0
 EXIT_FAILURE = 1
+"""Transient or unknown (I/O, network, a crashed process): retried, counts against spec.runPolicy.backoffLimit."""
 EXIT_CONFIG_ERROR = 3
+"""Bad configuration or data: never retried (the message names the field and the fix)."""
 EXIT_GATE_FAILED = 4
+"""A quality gate failed: never retried."""
+EXIT_INTERNAL_ERROR = 5
+"""A deterministic failure in our own code (KeyError, TypeError...): never retried; traceback in the stage log."""
+EXIT_WORKER_LOST = 6
+"""A peer worker died or a collective timed out: retried (all workers, from the last checkpoint)."""
+EXIT_OUT_OF_MEMORY = 7
+"""CUDA or host out of memory raised in Python: retried (the kernel's OOM kill shows as 137)."""
+EXIT_PREEMPTED = 75
+"""SIGTERM (eviction, preemption, spot reclaim): checkpoint saved at the current step; retried, not counted."""
+
+NON_RETRYABLE_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_GATE_FAILED, EXIT_INTERNAL_ERROR)
+SIGKILL_EXIT_CODE = 137  # 128 + SIGKILL: the kernel's OOM killer, or a lost/killed worker
+
+AttemptReason = str
+"""WorkerLost, Preempted, OOM, Error, ConfigError, GateFailed, InternalError (see `exit_reason`)."""
+
+
+def exit_reason(code: int) -> AttemptReason:
+    """The reason an attempt ended with `code` (a pod's exit code, or a local process's return code)."""
+    if code in (EXIT_PREEMPTED, -15, 143):
+        return "Preempted"
+    if code in (EXIT_WORKER_LOST, -9, SIGKILL_EXIT_CODE):
+        return "WorkerLost"
+    if code == EXIT_OUT_OF_MEMORY:
+        return "OOM"
+    return {EXIT_CONFIG_ERROR: "ConfigError", EXIT_GATE_FAILED: "GateFailed", EXIT_INTERNAL_ERROR: "InternalError"}.get(
+        code, "Error"
+    )
+
+
+def retryable(code: int) -> bool:
+    return code != EXIT_OK and code not in NON_RETRYABLE_EXIT_CODES
+
+
+def counts_against_backoff(code: int) -> bool:
+    """A disruption (SIGTERM: preemption, eviction, drain) is not the job's fault and costs no retry."""
+    return retryable(code) and exit_reason(code) != "Preempted"
+
+
+def most_significant(codes: list[int]) -> int:
+    """One exit code for a group of processes (first failure first). A non-retryable code wins (a retry would
+    fail the same way); then a root cause (OOM, a killed process, an error) over its victims: workers that saw a
+    peer vanish (EXIT_WORKER_LOST) or were stopped (EXIT_PREEMPTED)."""
+    failed = [c for c in codes if c != EXIT_OK]
+    if not failed:
+        return EXIT_OK
+
+    def rank(code: int) -> int:
+        if code in NON_RETRYABLE_EXIT_CODES:
+            return 0
+        if code in (EXIT_PREEMPTED, -15, 143):
+            return 2
+        return 3 if code == EXIT_WORKER_LOST else 1
+
+    return min(failed, key=rank)  # min is stable: the earliest of the best rank
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """Classify an exception a stage raised: only what can be transient is retried."""
+    if isinstance(exc, StageError):
+        return exc.exit_code
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc):
+        return EXIT_OUT_OF_MEMORY
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}:
+        return EXIT_WORKER_LOST
+    if isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _TRANSIENT_RUNTIME_MARKERS):
+        return EXIT_WORKER_LOST if _peer_failure(str(exc)) else EXIT_FAILURE
+    if isinstance(exc, OSError | TimeoutError | ConnectionError | EOFError):
+        return EXIT_FAILURE  # I/O and network (requests/huggingface_hub errors are OSErrors too)
+    return EXIT_INTERNAL_ERROR
+
+
+# RuntimeErrors torch raises for hardware and peer trouble, which a retry (maybe on another node) can fix.
+_TRANSIENT_RUNTIME_MARKERS = (
+    "NCCL", "Gloo", "gloo", "Connection closed", "Connection reset", "Broken pipe", "timed out", "Timed out",
+    "CUDA error", "ECC", "cuDNN error", "CUBLAS_STATUS", "unspecified launch failure", "Socket",
+)  # fmt: skip
+
+
+def _peer_failure(text: str) -> bool:
+    return any(m in text for m in ("NCCL", "Gloo", "gloo", "Connection", "Broken pipe", "timed out", "Timed out"))
+
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
 TERMINATION_LIMIT = 4096

@@ -12,10 +12,11 @@ take precedence when present, so a pod spec written for torchrun works unchanged
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..api.spec import FineTuneJobSpec
+from .contract import EXIT_OK, EXIT_PREEMPTED, SIGKILL_EXIT_CODE, most_significant
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,46 @@ def inside_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def launch(rdzv: Rendezvous, stage: str, config: Path, workdir: Path) -> int:
-    """Re-run this stage under torchrun with the rendezvous, and wait for it."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nnodes={rdzv.nnodes}",
-        f"--node_rank={rdzv.node_rank}",
-        f"--nproc_per_node={rdzv.nproc_per_node}",
-        f"--master_addr={rdzv.master_addr}",
-        f"--master_port={rdzv.master_port}",
-        "-m", "finetune_operator.stages", stage, "--config", str(config), "--workdir", str(workdir),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PET_")}
-    return subprocess.call(command, env=env)
+def launch(rdzv: Rendezvous, stage: str, config: Path, workdir: Path, spec: FineTuneJobSpec) -> int:
+    """Run this stage under torchrun (in this process) with the rendezvous, and return one classified exit code.
+
+    torchrun itself exits 1 whenever a worker fails, which would turn a config error into a retry; here the
+    workers' own exit codes decide (`most_significant`), so 3/4/5 reach the pod and the Job's podFailurePolicy.
+    torchrun restarts nothing (--max-restarts=0): a restart is always the whole gang, from the newest complete
+    checkpoint, made by the local supervisor or by the operator replacing the train Job.
+    On SIGTERM torchrun forwards the signal to the workers and waits the grace period (less a margin) for them to
+    save a checkpoint at the same step, before it would kill them.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in [k for k in os.environ if k.startswith("PET_")]:
+        del os.environ[name]  # torchrun reads them as defaults over the arguments below
+    args = parse_args(
+        [
+            f"--nnodes={rdzv.nnodes}",
+            f"--node-rank={rdzv.node_rank}",
+            f"--nproc-per-node={rdzv.nproc_per_node}",
+            f"--master-addr={rdzv.master_addr}",
+            f"--master-port={rdzv.master_port}",
+            "--max-restarts=0",
+            f"--shutdown-timeout={shutdown_timeout(spec)}",
+            "--module", "finetune_operator.stages", stage, "--config", str(config), "--workdir", str(workdir),
+        ]
+    )  # fmt: skip
+    try:
+        run(args)
+    except ChildFailedError as failed:
+        codes = [f.exitcode for _, f in sorted(failed.failures.items(), key=lambda item: item[1].timestamp)]
+        code = most_significant(codes)
+        return SIGKILL_EXIT_CODE if code == -9 else (EXIT_PREEMPTED if code == -15 else code)
+    except SignalException:
+        return EXIT_PREEMPTED  # the workers were told to checkpoint and stop; the next attempt resumes
+    return EXIT_OK
+
+
+def shutdown_timeout(spec: FineTuneJobSpec) -> int:
+    """Seconds the workers get to checkpoint after SIGTERM: the pod's grace period less a margin to exit."""
+    grace = spec.run_policy.termination_grace_period_seconds
+    return max(grace - min(10, grace // 4), 1)

@@ -7,6 +7,7 @@ mode (config written by the planner, workdir under the output folder).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -14,7 +15,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .contract import EXIT_FAILURE, EXIT_OK, StageConfig, StageError, Workdir, emit, write_summary
+from .contract import (
+    EXIT_CONFIG_ERROR,
+    EXIT_INTERNAL_ERROR,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    StageConfig,
+    StageError,
+    Workdir,
+    emit,
+    exit_code_for,
+    exit_reason,
+    retryable,
+    write_summary,
+    write_termination,
+)
 
 STAGE_NAMES = ("prepare", "train", "evaluate", "export")
 
@@ -60,7 +75,7 @@ def run_stage(name: str, config_path: Path, workdir_path: Path) -> int:
         config = StageConfig.load(config_path)
     except Exception as exc:
         print(f"cannot read the stage config {config_path}: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_CONFIG_ERROR
     if name == "train":
         from .distributed import inside_launcher, launch, rendezvous_from_env
 
@@ -74,27 +89,65 @@ def run_stage(name: str, config_path: Path, workdir_path: Path) -> int:
                 nodeRank=rdzv.node_rank,
                 processesPerNode=rdzv.nproc_per_node,
             )
-            return launch(rdzv, name, config_path, workdir_path)
-    emit("stage", name, state="Running", rank=int(os.environ.get("RANK", "0")))
+            return launch(rdzv, name, config_path, workdir_path, config.spec)
+    rank = int(os.environ.get("RANK", "0"))
+    emit("stage", name, state="Running", rank=rank)
     try:
         summary = _stage_function(name)(config, workdir)
-    except StageError as exc:
-        print(f"{name} failed: {exc}", file=sys.stderr)
-        if int(os.environ.get("RANK", "0")) == 0:
-            write_summary(config, workdir, name, {"ok": False, "message": str(exc), "configError": exc.config_error})
-        emit("stage", name, state="Failed", message=str(exc))
-        return exc.exit_code
-    except Exception as exc:
-        traceback.print_exc()
-        message = f"{type(exc).__name__}: {exc}"
-        if int(os.environ.get("RANK", "0")) == 0:
-            write_summary(config, workdir, name, {"ok": False, "message": message})
-        emit("stage", name, state="Failed", message=message)
-        return EXIT_FAILURE
-    if int(os.environ.get("RANK", "0")) == 0:
+    except Exception as exc:  # every failure leaves a summary and a classified exit code
+        return _failed(name, config, workdir, exc, rank)
+    code = int(summary.get("exitCode", EXIT_OK))
+    if code == EXIT_PREEMPTED:
+        # Not a result: the next attempt resumes from the checkpoint. Only the pod's termination message says why.
+        write_termination(config.termination_log, {"stage": name, "run": config.run, **summary})
+    elif rank == 0:
         write_summary(config, workdir, name, summary)
-    emit("stage", name, state="Succeeded" if summary.get("ok", True) else "Failed", message=summary.get("message"))
-    return int(summary.get("exitCode", EXIT_OK))
+    state = "Preempted" if code == EXIT_PREEMPTED else ("Succeeded" if summary.get("ok", True) else "Failed")
+    emit("stage", name, state=state, message=summary.get("message"))
+    return code
+
+
+def _failed(name: str, config: StageConfig, workdir: Workdir, exc: Exception, rank: int) -> int:
+    """Log the failure (traceback for anything but a StageError), summarise it in one line, classify it."""
+    code = exit_code_for(exc)
+    if isinstance(exc, StageError):
+        message = str(exc)
+        print(f"{name} failed: {message}", file=sys.stderr)
+    else:
+        traceback.print_exc()
+        message = f"{type(exc).__name__}: {exc}{_where(exc)}"
+        if code == EXIT_INTERNAL_ERROR:
+            message = f"internal error, not retried (a bug; traceback in the {name} log): {message}"
+    summary = {"ok": False, "message": message, "exitCode": code, "reason": exit_reason(code)}
+    if isinstance(exc, StageError):
+        summary["configError"] = exc.config_error
+    if not retryable(code) or (rank == 0 and not _cause_recorded(config, workdir, name)):
+        # Rank 0's summary is the record, but a non-retryable error on any rank is the cause: it wins.
+        write_summary(config, workdir, name, summary)
+    else:
+        write_termination(config.termination_log, {"stage": name, "run": config.run, **summary})
+    emit("stage", name, state="Failed", message=message, exitCode=code, rank=rank)
+    return code
+
+
+def _cause_recorded(config: StageConfig, workdir: Workdir, name: str) -> bool:
+    """Another rank of this run already recorded a non-retryable failure (its victims must not overwrite it)."""
+    try:
+        recorded = json.loads(workdir.summary_file(name).read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded.get("run") == config.run and not retryable(int(recorded.get("exitCode", EXIT_OK)))
+
+
+def _where(exc: BaseException) -> str:
+    """at file.py:LINE in function, for the innermost frame of the traceback."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame.f_code
+    return f" (at {Path(frame.co_filename).name}:{tb.tb_lineno} in {frame.co_name})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,34 +14,131 @@ import math
 import os
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from .contract import StageConfig, StageError, Workdir, emit
+from .contract import EXIT_PREEMPTED, StageConfig, StageError, Workdir, emit
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TRAIN_META = "finetune-train.json"
 
 
+CHECKPOINT_MARKER = "finetune-checkpoint.json"
+"""Written by rank 0 into a checkpoint after every rank has saved its part (weights, optimizer, RNG state)."""
+
+
 def latest_valid_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that was written completely (a pod killed mid-save leaves a partial one)."""
+    """The newest checkpoint that every rank wrote completely (a worker killed mid-save leaves a partial one).
+
+    Complete means: our marker is there (written after a barrier over all ranks). Checkpoints written before the
+    marker existed (none in the folder has one) fall back to: trainer_state.json readable and weights present."""
     if not folder.exists():
         return None
-    candidates = []
+    numbered = sorted(
+        (int(m.group(1)), path) for path in folder.iterdir() if (m := CHECKPOINT_RE.match(path.name)) and path.is_dir()
+    )
+    marked = any((path / CHECKPOINT_MARKER).exists() for _, path in numbered)
+    for _, path in reversed(numbered):
+        if marked and not (path / CHECKPOINT_MARKER).exists():
+            continue
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if any((path / f).exists() for f in WEIGHT_FILES):
+            return path
+    return None
+
+
+def remove_partial_checkpoints(folder: Path, resume: Path | None) -> list[str]:
+    """Delete checkpoints newer than the one resumed from (left half-written by a killed worker)."""
+    if not folder.exists():
+        return []
+    newest = int(CHECKPOINT_RE.match(resume.name).group(1)) if resume else -1  # type: ignore[union-attr]
+    removed = []
     for path in folder.iterdir():
         match = CHECKPOINT_RE.match(path.name)
-        if not match or not path.is_dir():
-            continue
-        complete = (path / "trainer_state.json").exists() and any((path / f).exists() for f in WEIGHT_FILES)
-        try:
-            json.loads((path / "trainer_state.json").read_text()) if complete else None
-        except (OSError, json.JSONDecodeError):
-            complete = False
-        if complete:
-            candidates.append((int(match.group(1)), path))
-    return max(candidates)[1] if candidates else None
+        if match and int(match.group(1)) > newest:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+class GangCheckpointing:
+    """Callbacks that make checkpoints a gang's: one marker once every rank saved, and preemption handling.
+
+    On SIGTERM (eviction, preemption, spot reclaim; torchrun forwards it) a rank only sets a flag. After every
+    optimizer step the ranks all-reduce the flag (one scalar), so all of them stop after the same step, save one
+    checkpoint at that step and leave training; the stage then exits EXIT_PREEMPTED and the next attempt resumes
+    at exactly that step."""
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter = reporter
+        self.signalled = False
+        self.preempted_at: int | None = None
+        self.save_started: float | None = None
+        self.save_seconds: list[float] = []
+        self.last_checkpoint: dict[str, Any] | None = None
+
+    def install_signal_handler(self) -> None:
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self.signalled = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _anyone_signalled(self, device: Any) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.signalled
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def as_callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        gang = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                if gang._anyone_signalled(args.device):
+                    gang.preempted_at = state.global_step
+                    control.should_save = True
+                    control.should_training_stop = True
+                if control.should_save:
+                    gang.save_started = time.monotonic()
+                return control
+
+            def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                gang.mark_complete(args, state)
+
+        return _Callback()
+
+    def mark_complete(self, args: Any, state: Any) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its files
+        seconds = time.monotonic() - self.save_started if self.save_started else None
+        if seconds is not None:
+            self.save_seconds.append(seconds)
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        record = {
+            "step": state.global_step,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "location": str(folder),
+        }
+        self.last_checkpoint = record
+        self.reporter.last_checkpoint = record
+        if state.is_world_process_zero:
+            marker = {**record, "worldSize": args.world_size, "saveSeconds": round(seconds or 0.0, 3)}
+            (folder / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+            emit("checkpoint", "train", **record, saveSeconds=round(seconds or 0.0, 3))
 
 
 def resolve_precision(precision: str) -> dict[str, Any]:
@@ -149,6 +246,7 @@ class ProgressReporter:
         self.last_step = 0
         self.first_step: int | None = None
         self.history: list[dict[str, Any]] = []
+        self.last_checkpoint: dict[str, Any] | None = None
 
     def as_callback(self) -> Any:
         from transformers import TrainerCallback
@@ -184,6 +282,8 @@ class ProgressReporter:
             "tokensPerSecond": round(rate, 1),
             "etaSeconds": round(remaining, 1),
         }
+        if self.last_checkpoint:
+            record["lastCheckpoint"] = self.last_checkpoint
         self.history.append(record)
         self.last_time, self.last_tokens, self.last_step = now, tokens, state.global_step
         emit("progress", "train", **record)
@@ -221,6 +321,8 @@ def _common_args(config: StageConfig, workdir: Workdir, precision: dict[str, Any
         "dataloader_num_workers": 0,
         "include_num_input_tokens_seen": "non_padding",
         "ddp_find_unused_parameters": False,
+        # A lost peer fails the collective after this long (then all workers restart), not after 30 minutes.
+        "ddp_timeout": spec.distributed.collective_timeout_seconds,
     }
     if spec.distributed.strategy == "fsdp":
         args["fsdp"] = "full_shard auto_wrap"
@@ -340,23 +442,34 @@ def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
         if meta.get("run") == config.run:
             return {**meta["summary"], "message": f"already trained (run {config.run}): {meta['summary']['message']}"}
 
+    reporter = ProgressReporter()
+    gang = GangCheckpointing(reporter)
+    gang.install_signal_handler()  # before the slow part: a SIGTERM while loading still ends in a checkpoint
     precision = resolve_precision(spec.training.precision)
+    allow_cpu_index_locations()
     torch.manual_seed(spec.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(workdir.tokenizer))
     trainer = build_trainer(config, workdir, tokenizer, precision)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our JSON progress lines replace its dict prints
-    reporter = ProgressReporter()
     trainer.add_callback(reporter.as_callback())
+    trainer.add_callback(gang.as_callback())
 
     resume = latest_valid_checkpoint(workdir.checkpoints)
+    if trainer.is_world_process_zero():
+        removed = remove_partial_checkpoints(workdir.checkpoints, resume)
+        if removed:
+            emit("step", "train", message=f"removed incomplete checkpoints {', '.join(sorted(removed))}")
     if resume is not None:
         emit("step", "train", message=f"resuming from {resume.name}")
+        reporter.last_checkpoint = _checkpoint_record(resume)
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     elapsed = time.monotonic() - started
     state = trainer.state
+    if gang.preempted_at is not None:
+        return _preempted(gang, trainer)
 
     summary: dict[str, Any] = {}
     if trainer.is_world_process_zero():
@@ -386,6 +499,10 @@ def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
             "artifact": "adapter" if spec.method.type != "full" else "model",
             "objective": spec.training.objective,
             "progress": reporter.history[-1] if reporter.history else None,
+            "lastCheckpoint": reporter.last_checkpoint,
+            "checkpointSeconds": round(sum(gang.save_seconds) / len(gang.save_seconds), 3)
+            if gang.save_seconds
+            else None,
         }
         (staging / TRAIN_META).write_text(json.dumps({"run": config.run, "summary": summary}, indent=2))
         shutil.rmtree(workdir.final, ignore_errors=True)
@@ -393,3 +510,42 @@ def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return summary or {"ok": True, "message": "worker finished"}
+
+
+def _restore_cpu_index(storage: Any, location: str) -> Any:
+    return storage if location.startswith("cpu:") else None
+
+
+def allow_cpu_index_locations() -> None:
+    """Let torch.load map to "cpu:N". Under DDP on CPU the Trainer resumes the optimizer with
+    map_location=args.device, which is cpu:<local rank>, and torch knows no such location: without this a
+    multi-worker CPU run could never resume from its checkpoint."""
+    import torch
+
+    if not any(entry[2] is _restore_cpu_index for entry in torch.serialization._package_registry):
+        torch.serialization.register_package(11, lambda obj: None, _restore_cpu_index)
+
+
+def _checkpoint_record(folder: Path) -> dict[str, Any]:
+    try:
+        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        marker = {}
+    step = int(CHECKPOINT_RE.match(folder.name).group(1))  # type: ignore[union-attr]
+    stamp = marker.get("time") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(folder.stat().st_mtime))
+    return {"step": step, "time": stamp, "location": str(folder)}
+
+
+def _preempted(gang: GangCheckpointing, trainer: Any) -> dict[str, Any]:
+    """SIGTERM ended training after a step: the checkpoint of that step is saved on every rank."""
+    step = gang.preempted_at
+    return {
+        "ok": False,
+        "exitCode": EXIT_PREEMPTED,
+        "reason": "Preempted",
+        "preempted": True,
+        "steps": step,
+        "lastCheckpoint": gang.last_checkpoint,
+        "message": f"stopped by SIGTERM after step {step}: checkpoint-{step} saved on all "
+        f"{trainer.args.world_size} worker(s); the next attempt resumes at step {step}",
+    }
