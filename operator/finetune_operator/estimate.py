@@ -274,7 +274,10 @@ def known_config(source: str) -> dict[str, Any] | None:
     for candidate in (base, base + "-hf"):
         if candidate in KNOWN_CONFIGS:
             return KNOWN_CONFIGS[candidate]
-    return None
+    # A copy on a volume or bucket (pvc://models/mistral-7b-v0.3) keeps the model's name as its last segment.
+    tail = base.rsplit("/", 1)[-1]
+    matches = [k for k in KNOWN_CONFIGS if k.rsplit("/", 1)[-1] in (tail, tail + "-hf")]
+    return KNOWN_CONFIGS[matches[0]] if len(matches) == 1 else None
 
 
 def load_config(source: str, cache_dirs: tuple[Path, ...] = ()) -> tuple[dict[str, Any], str]:
@@ -528,11 +531,18 @@ def _quantized_bytes(arch: Architecture, plan: Plan) -> tuple[int, int]:
     """Packed weights and the quantization state of every decoder linear (bitsandbytes, blocksize 64)."""
     weights = arch.layers * arch.linear_params_per_layer()
     biases = arch.layers * sum(lin.copies * lin.fan_out for lin in arch.linears if lin.bias)
+    tensors = [lin.fan_in * lin.fan_out for lin in arch.linears for _ in range(lin.copies)] * arch.layers
     if plan.quant_bits == 8:
         rows = arch.layers * sum(lin.copies * lin.fan_out for lin in arch.linears)
         return weights + biases * 4, rows * 4  # int8 + a fp32 scale per output row
-    blocks = math.ceil(weights / 64)
-    state = blocks + math.ceil(blocks / 256) * 4 if plan.double_quant else blocks * 4
+    state = 0
+    for numel in tensors:
+        blocks = math.ceil(numel / 64)
+        if plan.double_quant:  # uint8 absmax per block, re-quantized with a fp32 absmax per 256 blocks + offset
+            state += blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4
+        else:
+            state += 4 * blocks
+        state += 16 * 4  # the NF4/FP4 code table
     return weights // 2 + biases * 4, state
 
 
@@ -542,7 +552,7 @@ def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, ...]], param_bytes:
     total = sum(numel)
     if optimizer in ("adamw_torch", "adamw_torch_fused", "adamw_hf"):
         temp = 0 if optimizer == "adamw_torch_fused" else total * param_bytes  # foreach sqrt(exp_avg_sq)
-        return 2 * total * param_bytes, temp
+        return 2 * total * param_bytes + 4 * len(shapes), temp  # exp_avg, exp_avg_sq and a fp32 step per tensor
     if optimizer in ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit"):
         # bitsandbytes: two uint8 states + a fp32 absmax per 256-block; tensors under 4096 elements stay 32-bit.
         return sum(2 * n + 8 * math.ceil(n / 256) if n >= 4096 else 8 * n for n in numel), 0
@@ -802,6 +812,7 @@ def add_work(
         est.work = {"note": "steps unknown until prepare has counted the data"}
         return est
     work["tokensPerEpoch"] = int(tokens_per_epoch) if tokens_per_epoch else None
+    work["sequences"] = sequences
     work["steps"] = int(steps)
     per_token = training_flops_per_token(est.architecture, plan, plan.seq_len)
     flops = per_token * tokens
@@ -873,8 +884,8 @@ def render(est: Estimate, gpu_bytes: int | None = None) -> str:
         "memory per GPU:",
     ]
     for name, size in sorted(est.memory.terms().items(), key=lambda t: -t[1]):
-        lines.append(f"  {TERM_LABELS[name]:<28} {gib(size):>10}")
-    lines.append(f"  {'total':<28} {gib(est.memory.total):>10}")
+        lines.append(f"  {TERM_LABELS[name]:<34} {gib(size):>10}")
+    lines.append(f"  {'total':<34} {gib(est.memory.total):>10}")
     if gpu_bytes:
         verdict = "fits" if est.fits(gpu_bytes) else "DOES NOT FIT"
         lines.append(f"GPU memory {gib(gpu_bytes)}: {verdict}")
@@ -889,3 +900,153 @@ def render(est: Estimate, gpu_bytes: int | None = None) -> str:
         )
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- from a FineTuneJob
+
+_QUANTITY = re.compile(r"^([0-9.]+)([KMGTPE]i?|[kmgtpe]|)$")
+_SUFFIX = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+
+
+def parse_quantity(text: str) -> int:
+    """A Kubernetes quantity (80Gi, 81920Mi, 80G) in bytes."""
+    match = _QUANTITY.match(text.strip())
+    if not match:
+        raise EstimateError(f"spec.resources.gpuMemory: {text!r} is not a memory quantity; write e.g. 80Gi")
+    number, suffix = float(match.group(1)), match.group(2)
+    factor = 1024 ** ("KMGTPE".index(suffix[0]) + 1) if suffix.endswith("i") else _SUFFIX[suffix]
+    return int(number * factor)
+
+
+# Usable memory of each product as nvidia-smi reports it (MiB); A100 also comes with 40 GB.
+_GPU_MIB = {"H200": 143771, "H100": 81559, "A100": 81920, "L40S": 46068, "L4": 23034}
+
+
+def gpu_memory_of(spec: Any) -> tuple[int | None, str | None, str | None]:
+    """(bytes per GPU, how it is named, the product for the time band) from gpuMemory or the node selector."""
+    resources = spec.resources
+    product = gpu_product(spec.scheduling.node_selector, resources.gpu_resource_name)
+    if resources.gpu_memory:
+        return parse_quantity(resources.gpu_memory), f"spec.resources.gpuMemory {resources.gpu_memory}", product
+    if product is None:
+        return None, None, None
+    mib = _GPU_MIB[product]
+    if product == "A100" and any("40gb" in v.lower() for v in spec.scheduling.node_selector.values()):
+        mib = 40960
+    return mib * 1024 * 1024, f"a {product} (from spec.scheduling.nodeSelector)", product
+
+
+def data_shape(spec: Any, preflight: dict[str, Any] | None) -> dict[str, Any]:
+    """Sequence length for memory (the longest row, clipped: the batch holding it sets the peak), tokens and
+    sequences per epoch, from the prepare stage's preflight report; maxSeqLength when the data are not counted."""
+    max_len = spec.dataset.max_seq_length
+    tokens = (preflight or {}).get("tokens") or {}
+    rows = (preflight or {}).get("rows") or {}
+    packing = (preflight or {}).get("packing")
+    if not tokens:
+        return {"sequenceLength": max_len, "source": "maxSeqLength (data not counted yet)"}
+    if packing:
+        sequences = int(packing["sequences"])
+        return {"sequenceLength": max_len, "sequences": sequences, "tokensPerEpoch": sequences * max_len,
+                "p99": max_len, "source": "preflight (packed)"}  # fmt: skip
+    sequences = int(rows.get("train") or tokens.get("rows") or 0)
+    mean = min(float(tokens.get("mean") or 0), max_len)
+    p99 = (tokens.get("percentiles") or {}).get("p99")
+    longest = min(int(tokens.get("max") or max_len), max_len)
+    return {"sequenceLength": max(longest, 1), "sequences": sequences, "tokensPerEpoch": int(mean * sequences),
+            "p99": min(int(p99), max_len) if p99 else None, "source": "preflight"}  # fmt: skip
+
+
+ARCHITECTURE_KEYS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "vocab_size", "tie_word_embeddings", "attention_bias", "mlp_bias", "num_local_experts",
+    "num_experts", "num_experts_per_tok", "attention_dropout", "torch_dtype", "n_embd", "n_layer", "n_head",
+    "n_inner", "n_positions", "activation_function", "attn_pdrop", "resid_pdrop",
+)  # fmt: skip
+
+
+def architecture_essentials(config: dict[str, Any]) -> dict[str, Any]:
+    """The few config.json keys the estimate reads (what status.estimate keeps, to re-estimate without I/O)."""
+    return {k: config[k] for k in ARCHITECTURE_KEYS if config.get(k) is not None}
+
+
+def job_estimate(spec: Any, config: dict[str, Any], data: dict[str, Any] | None = None) -> Estimate:
+    """The estimate of a FineTuneJob: batchSize auto resolved, effectiveBatchSize kept, work and time added."""
+    arch = Architecture.from_config(config)
+    data = data or data_shape(spec, None)
+    training = spec.training
+    plan = plan_from_spec(spec, seq_len=data["sequenceLength"])
+    gpu_bytes, _, product = gpu_memory_of(spec)
+    effective = training.effective_batch_size
+    notes = []
+    if training.batch_size == "auto":
+        largest = largest_micro_batch(arch, plan, gpu_bytes) if gpu_bytes else None
+        if gpu_bytes is None:
+            notes.append("batchSize auto without spec.resources.gpuMemory or a known GPU: micro-batch 1")
+        plan.micro_batch, plan.grad_accum = auto_batch(effective or plan.world_size, plan.world_size, largest or 1)
+    elif effective:
+        plan.grad_accum = max(1, math.ceil(effective / (plan.micro_batch * plan.world_size)))
+    est = estimate(arch, plan)
+    est.notes[:0] = notes
+    epochs = training.epochs
+    add_work(
+        est, tokens_per_epoch=data.get("tokensPerEpoch"), sequences=data.get("sequences"), epochs=epochs,
+        max_steps=training.max_steps, gpu=product,
+    )  # fmt: skip
+    if data.get("p99"):
+        est.work["p99Tokens"] = data["p99"]
+    return est
+
+
+def status_estimate(est: Estimate, spec: Any, config: dict[str, Any], source: str) -> dict[str, Any]:
+    """status.estimate, on the wire (camelCase): compact enough for a pod's termination message."""
+    gpu_bytes, gpu_label, _ = gpu_memory_of(spec)
+    name, _ = est.biggest_term
+    work = est.work
+    out: dict[str, Any] = {
+        "memoryPerGpuGiB": round(est.memory.total / GIB, 2),
+        "allocatedPeakGiB": round(est.memory.allocated_peak / GIB, 2),
+        "gpuMemoryGiB": round(gpu_bytes / GIB, 2) if gpu_bytes else None,
+        "fits": est.fits(gpu_bytes) if gpu_bytes else None,
+        "biggestTerm": TERM_LABELS[name],
+        "termsGiB": {k: round(v / GIB, 3) for k, v in est.memory.terms().items()},
+        "parameters": est.parameters,
+        "trainableParameters": est.trainable_parameters,
+        "microBatch": est.plan.micro_batch,
+        "gradientAccumulationSteps": est.plan.grad_accum,
+        "effectiveBatchSize": est.plan.effective_batch,
+        "sequenceLength": est.plan.seq_len,
+        "worldSize": est.plan.world_size,
+        "tokensPerEpoch": work.get("tokensPerEpoch"),
+        "sequences": work.get("sequences"),
+        "steps": work.get("steps"),
+        "trainingFlops": work.get("trainingFlops"),
+        "gpu": work.get("gpu"),
+        "timeHours": [round(work["timeSeconds"]["low"] / 3600, 2), round(work["timeSeconds"]["high"] / 3600, 2)]
+        if "timeSeconds" in work
+        else None,
+        "gpuHours": [work["gpuHours"]["low"], work["gpuHours"]["high"]] if "gpuHours" in work else None,
+        "configSource": source,
+        "architecture": architecture_essentials(config),
+        "notes": est.notes[:4],
+    }
+    if gpu_bytes and not est.fits(gpu_bytes):
+        out["message"] = refusal(est, gpu_bytes, gpu_label or "the GPU")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def one_line(summary: dict[str, Any]) -> str:
+    """status.estimate in one sentence (events, the local summary)."""
+    text = f"{summary['memoryPerGpuGiB']} GiB per GPU"
+    if summary.get("gpuMemoryGiB"):
+        text += f" of {summary['gpuMemoryGiB']} GiB ({'fits' if summary.get('fits') else 'does not fit'})"
+    text += (
+        f", biggest term {summary['biggestTerm']}; micro-batch {summary['microBatch']} x accumulation "
+        f"{summary['gradientAccumulationSteps']} x {summary['worldSize']} GPU(s)"
+    )
+    if summary.get("steps"):
+        text += f"; {summary['steps']} steps"
+    if summary.get("timeHours"):
+        low, high = summary["timeHours"]
+        text += f", {low}-{high} h on {summary.get('gpu')} ({summary['gpuHours'][0]}-{summary['gpuHours'][1]} GPU-h)"
+    return text
