@@ -186,6 +186,53 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from . import estimate as est
+    from .api.validation import InvalidJobError, load_job, local_path
+
+    path = Path(args.file)
+    try:
+        import yaml
+
+        source = str(((yaml.safe_load(path.read_text()) or {}).get("spec") or {}).get("model", {}).get("source", ""))
+        remote = source.startswith(("hf://", "s3://", "gs://", "pvc://"))
+        _, spec, _ = load_job(path, target="cluster" if remote else "local")
+    except (InvalidJobError, OSError, AttributeError) as exc:
+        for problem in getattr(exc, "problems", [exc]):
+            print(problem.format(exc.source) if hasattr(problem, "format") else f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.gpu_memory:
+        resources = spec.resources.model_copy(update={"gpu_memory": args.gpu_memory})
+        spec = spec.model_copy(update={"resources": resources})
+    source = spec.model.source
+    try:
+        if args.config:
+            config, origin = json.loads(Path(args.config).read_text()), args.config
+        else:
+            if not source.startswith(("hf://", "s3://", "gs://", "pvc://")):
+                source = str(local_path(source, path.parent.resolve()))
+            hub = Path(os.environ.get("HF_HUB_CACHE") or Path.home() / ".cache" / "huggingface" / "hub")
+            config, origin = est.load_config(source, (hub,))
+        preflight = json.loads(Path(args.preflight).read_text()) if args.preflight else None
+        result = est.job_estimate(spec, config, est.data_shape(spec, preflight))
+        gpu_bytes, gpu_label, _ = est.gpu_memory_of(spec)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(est.status_estimate(result, spec, config, origin), indent=2))
+    else:
+        print(f"config.json: {origin}")
+        print(est.render(result, gpu_bytes))
+        if gpu_bytes and not result.fits(gpu_bytes):
+            print(f"refused: {est.refusal(result, gpu_bytes, gpu_label or 'the GPU')}")
+        elif not gpu_bytes:
+            print("no GPU memory known: set spec.resources.gpuMemory (or --gpu-memory 80Gi) to check the fit")
+    return 1 if gpu_bytes and not result.fits(gpu_bytes) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -231,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--namespace", help="namespace when the manifest names none (default: default)")
     render.add_argument("--image", help="trainer image (default: the operator's default)")
     render.set_defaults(func=_cmd_render)
+
+    estimate = sub.add_parser(
+        "estimate", help="memory per GPU, batch size and time of a FineTuneJob, offline, before any GPU is held"
+    )
+    estimate.add_argument("file", help="a FineTuneJob manifest")
+    estimate.add_argument("--config", help="the model's config.json (default: local source, HF cache, or a table)")
+    estimate.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80Gi (default: spec.resources.gpuMemory)")
+    estimate.add_argument("--preflight", help="a prepare stage's reports/preflight.json, for the real data shape")
+    estimate.add_argument("--json", action="store_true", help="print status.estimate as JSON")
+    estimate.set_defaults(func=_cmd_estimate)
 
     run = sub.add_parser("run", help="run a FineTuneJob manifest on this machine (the embedded local mode)")
     run.add_argument("file", help="the FineTuneJob manifest")

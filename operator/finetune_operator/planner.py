@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import estimate as estimator
 from .api.job import FineTuneJob
 from .api.spec import STAGES, FineTuneJobSpec
 from .api.status import (
@@ -24,10 +25,12 @@ from .api.status import (
     Artifact,
     CheckpointRef,
     Condition,
+    EstimateStatus,
     FineTuneJobStatus,
     GateResult,
     Lineage,
     MetricsStatus,
+    OomRecovery,
     Progress,
     RestartRecord,
     RunRecord,
@@ -191,6 +194,14 @@ def _absorb_summary(status: FineTuneJobStatus, stage: str, summary: dict[str, An
         lineage.dataset_fingerprint = summary["lineage"].get("datasetFingerprint")
         status.lineage = lineage
     _absorb_restarts(getattr(status.stages, stage), summary)
+    if stage == "prepare" and summary.get("estimate"):
+        status.estimate = EstimateStatus.model_validate(summary["estimate"])
+    if stage == "train" and status.estimate and summary.get("oomRecoveries"):
+        status.estimate.oom_recoveries = [OomRecovery.model_validate(r) for r in summary["oomRecoveries"]]
+        status.estimate.micro_batch = summary.get("microBatch", status.estimate.micro_batch)
+        status.estimate.gradient_accumulation_steps = summary.get(
+            "gradientAccumulationSteps", status.estimate.gradient_accumulation_steps
+        )
     if stage == "train" and summary.get("progress"):
         final = dict(summary["progress"])
         final.update(step=summary.get("steps", final.get("step")), etaSeconds=0)
@@ -295,6 +306,8 @@ def _failure_reason(status: FineTuneJobStatus) -> str | None:
         if record and record.state == "Failed":
             if stage == "evaluate" and status.metrics and status.metrics.gates_passed is False:
                 return "GateFailed"
+            if stage == "train" and (record.message or "").startswith("InsufficientGpuMemory"):
+                return "InsufficientGpuMemory"
             return "StageFailed"
     return "DeadlineExceeded" if status.message and "activeDeadlineSeconds" in status.message else "Failed"
 
@@ -317,9 +330,24 @@ def _events(old: FineTuneJobStatus, new: FineTuneJobStatus) -> list[Event]:
             reason = (
                 "GateFailed"
                 if stage == "evaluate" and new.metrics and new.metrics.gates_passed is False
+                else "InsufficientGpuMemory"
+                if (after.message or "").startswith("InsufficientGpuMemory")
                 else "StageFailed"
             )
             events.append(Event("Warning", reason, f"{stage} failed: {after.message}"))
+    if new.estimate and (old.estimate is None or new.run != old.run):
+        events.append(Event("Normal", "Estimated", estimator.one_line(new.estimate.wire())))
+    recovered = len(new.estimate.oom_recoveries) if new.estimate else 0
+    if new.estimate and recovered > (len(old.estimate.oom_recoveries) if old.estimate else 0):
+        last = new.estimate.oom_recoveries[-1]
+        events.append(
+            Event(
+                "Warning",
+                "OutOfMemoryRecovered",
+                f"train ran out of GPU memory and resumed from step {last.at_step} with micro-batch "
+                f"{last.micro_batch} x accumulation {last.gradient_accumulation_steps}",
+            )
+        )
     if new.phase != old.phase:
         if new.phase == "Succeeded":
             events.append(Event("Normal", "Succeeded", new.message or "all stages succeeded"))
@@ -451,6 +479,33 @@ def _restart_gang(
     return True
 
 
+def _fits_before_train(spec: FineTuneJobSpec, status: FineTuneJobStatus, record: StageStatus, stamp: str) -> bool:
+    """Re-estimate from the prepare stage's record with the current spec (resources may have changed since) and
+    refuse a run that cannot fit its GPUs, before the train Job holds any. Pure: no I/O."""
+    if status.estimate is None or not status.estimate.architecture:
+        return True
+    try:
+        data = {
+            "sequenceLength": status.estimate.sequence_length or spec.dataset.max_seq_length,
+            "tokensPerEpoch": status.estimate.tokens_per_epoch,
+            "sequences": status.estimate.sequences,
+        }
+        fresh = estimator.job_estimate(spec, status.estimate.architecture, data)
+    except (estimator.EstimateError, KeyError, TypeError, ValueError):
+        return True  # an estimate that cannot be made never blocks a run
+    kept = status.estimate
+    wire = estimator.status_estimate(fresh, spec, kept.architecture, kept.config_source or "")
+    status.estimate = EstimateStatus.model_validate({**wire, "oomRecoveries": [r.wire() for r in kept.oom_recoveries]})
+    if status.estimate.fits is not False:
+        return True
+    record.state, record.completion_time = "Failed", stamp
+    record.message = f"InsufficientGpuMemory: {status.estimate.message}"
+    status.phase, status.current_stage = "Failed", "train"
+    status.message = f"train refused before any GPU was held: {status.estimate.message}"
+    status.completion_time = stamp
+    return False
+
+
 def _finish_housekeeping(job: FineTuneJob, status: FineTuneJobStatus, result: Plan, now: dt.datetime) -> None:
     ttl = job.spec.run_policy.ttl_seconds_after_finished
     done = parse_time(status.completion_time)
@@ -546,6 +601,8 @@ def _advance(
                 status.progress = _progress(seen.progress, now)
             status.message = _progress_text(stage, status, seen.queued)
             return seen.queued
+        if stage == "train" and not _fits_before_train(spec, status, record, stamp):
+            return False
         record.state = "Running"
         record.attempts = max(record.attempts, 1)
         record.start_time = record.start_time or stamp

@@ -88,6 +88,13 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
 
 def _structural(node: dict[str, Any]) -> dict[str, Any]:
     node = dict(node)
+    if node.get("x-kubernetes-int-or-string"):
+        # int | "auto": the API server types it as int-or-string; the value rules are CEL rules on the parent.
+        node.pop("anyOf", None)
+        node.pop("title", None)
+        if isinstance(node.get("description"), str):
+            node["description"] = " ".join(node["description"].split())
+        return node
     if "anyOf" in node:
         branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
         if len(branches) != 1:

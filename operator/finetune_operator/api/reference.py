@@ -12,6 +12,8 @@ REFERENCE_FILE = Path(__file__).resolve().parents[3] / "docs" / "api-reference.m
 
 
 def _type(node: dict[str, Any]) -> str:
+    if node.get("x-kubernetes-int-or-string"):
+        return "integer or `auto`"
     kind = node["type"]
     if "enum" in node:
         return " \\| ".join(f"`{v}`" for v in node["enum"])
@@ -48,8 +50,10 @@ def _rows(node: dict[str, Any], path: str, required: set[str]) -> list[str]:
             default = "its fields' defaults"  # written out whole in the CRD; the rows below give each one
         req = "yes" if key in required else ""
         desc = child.get("description", "").replace("|", "\\|")
-        rows.append(f"| `{where}` | {_type(child)} | {req} | {default} | {_limits(child)} | {desc} |")
-        target = child["items"] if child["type"] == "array" and "properties" in child.get("items", {}) else child
+        rows.append(
+            f"| `{where}` | {_type(child)} | {req} | {default and f'`{default}`'} | {_limits(child)} | {desc} |"
+        )
+        target = child["items"] if child.get("type") == "array" and "properties" in child.get("items", {}) else child
         rows += _rows(target, where + ("[]" if target is not child else ""), set(target.get("required", [])))
     return rows
 

@@ -291,8 +291,25 @@ class TrainingSpec(ApiModel):
             ".grpo",
         ),
         cel(
-            "!has(self.grpo) || self.batchSize % self.grpo.numGenerations == 0",
+            "!has(self.grpo) || type(self.batchSize) == string || self.batchSize % self.grpo.numGenerations == 0",
             "batchSize must be a multiple of grpo.numGenerations (each prompt is sampled numGenerations times)",
+            ".batchSize",
+        ),
+        cel(
+            "type(self.batchSize) == string ? self.batchSize == 'auto' "
+            ": (self.batchSize >= 1 && self.batchSize <= 4096)",
+            "batchSize is a number of sequences from 1 to 4096, or auto",
+            ".batchSize",
+        ),
+        cel(
+            "type(self.batchSize) != string || has(self.effectiveBatchSize)",
+            "batchSize: auto needs effectiveBatchSize, the sequences per optimizer step it keeps (e.g. 32)",
+            ".effectiveBatchSize",
+            "FieldValueRequired",
+        ),
+        cel(
+            "!has(self.grpo) || type(self.batchSize) != string",
+            "GRPO samples numGenerations completions per prompt: give batchSize as a number, not auto",
             ".batchSize",
         ),
     )
@@ -306,8 +323,17 @@ class TrainingSpec(ApiModel):
     """Optimizer steps to run (instead of epochs). At most one of epochs and maxSteps."""
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
     """Peak learning rate."""
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
-    """Sequences per device per micro-batch."""
+    batch_size: Annotated[
+        Annotated[int, Field(ge=1, le=4096)] | Literal["auto"],
+        Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+    ] = 4
+    """Sequences per device per micro-batch (1-4096), or auto: the largest micro-batch the memory estimate fits on
+    the GPU (spec.resources.gpuMemory or a known GPU in the node selector), with gradient accumulation raised to
+    keep effectiveBatchSize."""
+    effective_batch_size: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Sequences per optimizer step over all GPUs (micro-batch x gradient accumulation x GPUs). Required by
+    batchSize: auto; with a numeric batchSize it sets gradientAccumulationSteps to keep this batch. The train
+    stage keeps it when it recovers from out-of-memory by halving the micro-batch."""
     gradient_accumulation_steps: Annotated[int, Field(ge=1, le=4096)] = 1
     """Micro-batches per optimizer step."""
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
@@ -358,6 +384,10 @@ class ResourcesSpec(ApiModel):
     """GPUs each train (and evaluate) pod requests; one training process per GPU."""
     gpu_resource_name: Annotated[str, Field(pattern=r"^[a-z0-9.\-]+/[a-z0-9.\-_]+$", max_length=253)] = "nvidia.com/gpu"
     """Extended resource name of the GPUs (e.g. nvidia.com/gpu, amd.com/gpu, or a MIG profile)."""
+    gpu_memory: Quantity | None = None
+    """Memory of one GPU (e.g. 80Gi, or 40Gi for a MIG slice). With it, or a known GPU product (H100, H200, A100,
+    L40S, L4) in spec.scheduling.nodeSelector, the operator refuses a run whose memory estimate does not fit before
+    any GPU is held, and batchSize: auto can size the micro-batch."""
     prepare: StageResources | None = None
     """Overrides for the prepare stage."""
     train: StageResources | None = None

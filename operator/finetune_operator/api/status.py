@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -225,6 +225,74 @@ class RunRecord(ApiModel):
     """The tuned model's metrics of the run."""
 
 
+class OomRecovery(ApiModel):
+    """One CUDA out-of-memory the train stage recovered from."""
+
+    at_step: int
+    """Optimizer step of the checkpoint training resumed from."""
+    micro_batch: int
+    """The halved micro-batch it continued with."""
+    gradient_accumulation_steps: int
+    """The doubled accumulation that keeps the effective batch."""
+
+
+class EstimateStatus(ApiModel):
+    """Memory per GPU and the work of the run, estimated after prepare and before the train Job exists."""
+
+    memory_per_gpu_gi_b: float = Field(alias="memoryPerGpuGiB")
+    """What one GPU must hold: tensors, allocator slack and the CUDA context."""
+    allocated_peak_gi_b: float | None = Field(None, alias="allocatedPeakGiB")
+    """The tensors alone (what torch.cuda.max_memory_allocated would show)."""
+    gpu_memory_gi_b: float | None = Field(None, alias="gpuMemoryGiB")
+    """Memory of one GPU (spec.resources.gpuMemory, or a known product in the node selector)."""
+    fits: bool | None = None
+    """Whether the estimate fits the GPU (unknown without gpuMemory or a known GPU)."""
+    biggest_term: str | None = None
+    """The largest memory term (e.g. optimizer states, activations)."""
+    terms_gi_b: dict[str, float] = Field(default_factory=dict, alias="termsGiB")
+    """Every memory term in GiB."""
+    parameters: int | None = None
+    """Parameters of the base model."""
+    trainable_parameters: int | None = None
+    """Parameters trained (the LoRA adapters, or every weight)."""
+    micro_batch: int | None = None
+    """Sequences per GPU per forward pass (batchSize, or what batchSize: auto chose)."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step."""
+    effective_batch_size: int | None = None
+    """Sequences per optimizer step over all GPUs."""
+    sequence_length: int | None = None
+    """Tokens per sequence the memory is estimated for (the longest prepared row, clipped to maxSeqLength)."""
+    world_size: int | None = None
+    """Training processes (workers x gpusPerWorker)."""
+    sequences: int | None = None
+    """Training sequences per epoch (after cleaning and packing)."""
+    tokens_per_epoch: int | None = None
+    """Tokens in one pass over the prepared training data."""
+    steps: int | None = None
+    """Optimizer steps of the run."""
+    training_flops: float | None = None
+    """Floating-point operations of the run (6N per token for full, less for LoRA)."""
+    gpu: str | None = None
+    """The GPU product the time band is for."""
+    time_hours: list[float] = Field(default_factory=list)
+    """Wall-clock band [fast, slow] in hours, from the GPU's peak bf16 FLOP/s and an MFU of 25-50%."""
+    gpu_hours: list[float] = Field(default_factory=list)
+    """GPU-hours band [fast, slow]."""
+    config_source: str | None = None
+    """Where the model's config.json came from."""
+    architecture: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """The config.json keys the estimate reads (to re-estimate when spec.resources changes)."""
+    notes: list[str] = Field(default_factory=list)
+    """Caveats of the estimate."""
+    message: str | None = None
+    """Why it does not fit, and what to change."""
+    oom_recoveries: list[OomRecovery] = Field(default_factory=list)
+    """CUDA out-of-memory errors the train stage recovered from by halving the micro-batch."""
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state of a FineTuneJob."""
 
@@ -254,6 +322,8 @@ class FineTuneJobStatus(ApiModel):
     """The serving configuration."""
     lineage: Lineage | None = None
     """Base model revision, dataset fingerprint and config hash."""
+    estimate: EstimateStatus | None = None
+    """Memory per GPU, batch size and time of the run, estimated after prepare, before any GPU is held."""
     run: int = 1
     """Run number; increases when a finished job's spec changes."""
     runs: list[RunRecord] = Field(default_factory=list)

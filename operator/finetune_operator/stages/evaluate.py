@@ -146,7 +146,7 @@ def reward_accuracy(model: Any, tokenizer: Any, rows: Any, batch_size: int) -> d
 
 def evaluate_model(config: StageConfig, model: Any, tokenizer: Any, rows: Any) -> tuple[dict[str, float], list[str]]:
     spec = config.spec
-    batch = max(1, min(spec.training.batch_size * 2, 32))
+    batch = max(1, min(spec.training.batch_size * 2, 32)) if isinstance(spec.training.batch_size, int) else 8
     if spec.training.objective == "reward":
         return {k: round(float(v), ROUND) for k, v in reward_accuracy(model, tokenizer, rows, batch).items()}, []
     metrics: dict[str, float] = {}

@@ -305,7 +305,11 @@ def run_prepare(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
         )
 
     stats = _statistics(
-        train["full_length"], train["label_tokens"], ds_spec.max_seq_length, spec.training.batch_size, seed
+        train["full_length"],
+        train["label_tokens"],
+        ds_spec.max_seq_length,
+        spec.training.batch_size if isinstance(spec.training.batch_size, int) else 1,  # auto: sized after this
+        seed,
     )
     fingerprint = _fingerprint(train)
     train_out = _finish_columns(config, train, tokenizer, is_eval=False)
@@ -356,6 +360,7 @@ def run_prepare(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
     }
     workdir.reports.mkdir(parents=True, exist_ok=True)
     (workdir.reports / "preflight.json").write_text(json.dumps(report, indent=2))
+    estimate = _estimate(config, workdir, model_dir, report)
     sources["datasetFingerprint"] = fingerprint
     workdir.sources_file().write_text(json.dumps(sources, indent=2))
     message = (
@@ -373,4 +378,25 @@ def run_prepare(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
         "rows": report["rows"],
         "lineage": {"modelRevision": revision, "datasetFingerprint": fingerprint},
         "tokens": {k: stats.get(k) for k in ("mean", "max", "truncation_rate", "label_coverage")},
+        **({"estimate": estimate} if estimate else {}),
     }
+
+
+def _estimate(config: StageConfig, workdir: Workdir, model_dir: Path, report: dict[str, Any]) -> dict[str, Any] | None:
+    """Memory per GPU and the work, from the fetched config.json and the counted data (status.estimate). The
+    inputs go to reports/estimate.json, where the train stage reads them to resolve batchSize: auto."""
+    from .. import estimate as est
+
+    file = model_dir / "config.json"
+    try:
+        model_config = json.loads(file.read_text())
+        data = est.data_shape(config.spec, report)
+        result = est.job_estimate(config.spec, model_config, data)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        emit("step", "prepare", message=f"no memory estimate: {exc}")
+        return None
+    summary = est.status_estimate(result, config.spec, model_config, str(file.name))
+    inputs = {"architecture": est.architecture_essentials(model_config), "data": data, "estimate": summary}
+    (workdir.reports / "estimate.json").write_text(json.dumps(inputs, indent=2))
+    emit("step", "prepare", message="estimate: " + est.one_line(summary))
+    return summary
