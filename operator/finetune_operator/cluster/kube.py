@@ -32,6 +32,7 @@ class KubeApi:
         self.api_client.user_agent = _user_agent()
         self.core = client.CoreV1Api(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
+        self.apps = client.AppsV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
 
     def create(self, obj: dict[str, Any]) -> bool:
@@ -45,6 +46,8 @@ class KubeApi:
                 self.core.create_namespaced_config_map(ns, obj)
             elif kind == "Service":
                 self.core.create_namespaced_service(ns, obj)
+            elif kind == "Deployment":
+                self.apps.create_namespaced_deployment(ns, obj)
             elif kind == "PersistentVolumeClaim":
                 self.core.create_namespaced_persistent_volume_claim(ns, obj)
             elif kind == "PodGroup":
@@ -60,7 +63,9 @@ class KubeApi:
 
     def _delete(self, fn: Any, *args: Any) -> None:
         try:
-            fn(*args, propagation_policy="Background")
+            # The response body is not needed; not decoding it avoids the client's per-kind model of the reply
+            # (a Service delete may answer with a Status, which the generated V1Service model refuses).
+            fn(*args, propagation_policy="Background", _preload_content=False)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -77,6 +82,12 @@ class KubeApi:
         except ApiException as exc:
             if exc.status not in (404,):
                 log.debug("podgroup delete: %s", exc.reason)
+
+    def delete_playground(self, namespace: str, name: str) -> None:
+        """Delete the playground's Deployment (its pods go with it), Service and ConfigMap."""
+        self._delete(self.apps.delete_namespaced_deployment, name, namespace)
+        self._delete(self.core.delete_namespaced_service, name, namespace)
+        self._delete(self.core.delete_namespaced_config_map, name, namespace)
 
     def job_exists(self, namespace: str, name: str) -> bool:
         try:
