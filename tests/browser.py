@@ -66,9 +66,10 @@ class Playground:
         )  # fmt: skip
         self.output: list[str] = []
         self.ready = threading.Event()
+        self.serving = False
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        if not self.ready.wait(timeout) or self.proc.poll() is not None:
+        if not self.ready.wait(timeout) or not self.serving:
             self.stop()
             raise AssertionError(f"the playground did not start in {timeout} s:\n" + "".join(self.output[-40:]))
         self.seconds_to_ready = time.monotonic() - self.started
@@ -78,6 +79,7 @@ class Playground:
         for line in self.proc.stdout:
             self.output.append(line)
             if line.startswith("playground: http"):
+                self.serving = True
                 self.ready.set()
         self.ready.set()  # the process ended: stop waiting
 

@@ -28,7 +28,7 @@ def run_output(tmp_path_factory) -> Path:
     manifest = make_job(
         tmp,
         method={"type": "lora", "lora": {"r": 16, "alpha": 32, "targetModules": ["c_attn", "c_proj", "c_fc"]}},
-        training={"maxSteps": 120, "learningRate": 0.01},
+        training={"maxSteps": 40, "learningRate": 0.01, "checkpointEverySteps": 40},
         evaluation={"gates": [], "maxSamples": 8},
         export={"formats": ["merged", "onnx", "adapter"]},
     )

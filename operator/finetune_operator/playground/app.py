@@ -5,6 +5,7 @@ system fonts (the default one would make the browser fetch web fonts), no share 
 """
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,10 +200,29 @@ def theme() -> Any:
     return gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
 
 
+def _patient_url_ok(url: str, timeout: float = 120) -> bool:
+    """Gradio checks that its own page answers, but gives up at the first 3-second timeout, which a busy CPU or a
+    cold pod exceeds; this waits up to `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.head(url, timeout=10).status_code in (200, 302, 303, 307, 401):
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def launch(engine: Engine, host: str, port: int, *, block: bool = True, on_ready: Any = None) -> Any:
     """Serve the app; with block=False it returns (app, url) and the caller closes the app."""
+    import gradio.networking
+
     app = build_app(engine)
     app.queue(default_concurrency_limit=1)
+    gradio.networking.url_ok = _patient_url_ok
     _, url, _ = app.launch(
         server_name=host, server_port=port, share=False, ssr_mode=False, prevent_thread_lock=True,
         quiet=True, theme=theme(), footer_links=[], show_error=True, mcp_server=False,
