@@ -7,6 +7,7 @@ user can have: everything (the merged model is played), adapter only (base + PEF
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run_output(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("playground-job")
+    if os.environ.get("FT_PLAYGROUND_RUN"):  # iterate on the app: the folder of a finished run of this job, copied
+        shutil.copytree(os.environ["FT_PLAYGROUND_RUN"], tmp, symlinks=True, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(FEEDBACK_FILE))  # fmt: skip
+        return tmp / "out"
     manifest = make_job(
         tmp,
         method={"type": "lora", "lora": {"r": 16, "alpha": 32, "targetModules": ["c_attn", "c_proj", "c_fc"]}},
@@ -39,7 +44,7 @@ def run_output(tmp_path_factory) -> Path:
 def _only(run_output: Path, tmp: Path, keep: str) -> Path:
     """The output of a run that exported only `keep` (what formats: [keep] leaves)."""
     out = tmp / f"{keep}-only"
-    shutil.copytree(run_output, out, symlinks=True)
+    shutil.copytree(run_output, out, symlinks=True, ignore=shutil.ignore_patterns(FEEDBACK_FILE))
     for other in {"merged", "onnx", "adapter"} - {keep}:
         shutil.rmtree(out / other)
     status = yaml.safe_load((out / "status.yaml").read_text())
@@ -66,7 +71,8 @@ def _expected(run_output: Path, prompt: str, which: str) -> str:
 def test_resolve_reads_what_the_output_holds(run_output, tmp_path):
     target = resolve(run_output)
     assert target.tuned_kind == "merged" and target.tuned_path == run_output / "merged"
-    assert target.base_path == run_output.parent / "model" and target.run == 1 and target.job == "words"
+    assert target.base_path.name == "model" and target.run == 1 and target.job == "words"
+    assert (target.base_path / "config.json").is_file()  # the run's sources.json names the base model
     assert target.generation.max_new_tokens == 4 and target.generation.source == "serving-config.pb"
     assert len(target.samples()) == 8 and target.feedback_file == run_output / FEEDBACK_FILE
     assert target.tuned_artifact()["sha256"] == next(a for a in target.status["artifacts"]
@@ -125,15 +131,17 @@ def _samples_and_report(driver, out: Path) -> None:
 
     samples = resolve(out).samples()
     differing = [s for s in samples if s["tuned"].strip() != s["reference"].strip()]
-    driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Samples')]").click()
+    driver.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Samples')]").click()
 
-    def rows(d):
-        return d.find_elements(By.CSS_SELECTOR, "#samples-table tbody tr")
+    def count(d):
+        return d.find_element(By.ID, "samples-count").text
 
-    wait_for(driver, lambda d: len(rows(d)) == len(samples), 30)
+    wait_for(driver, lambda d: count(d).startswith(f"showing {len(samples)} of {len(samples)}"), 30)
+    table = driver.find_element(By.ID, "samples-table").text
+    assert all(s["reference"] in table for s in samples)
     driver.find_element(By.CSS_SELECTOR, "#only-differing input").click()
-    wait_for(driver, lambda d: len(rows(d)) == len(differing), 30)
-    driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Report')]").click()
+    wait_for(driver, lambda d: count(d).startswith(f"showing {len(differing)} of {len(samples)}"), 30)
+    driver.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Report')]").click()
     report = wait_for(driver, lambda d: d.find_element(By.ID, "report").text, 30)
     status = yaml.safe_load((out / "status.yaml").read_text())
     merged = next(a for a in status["artifacts"] if a["name"] == "merged")

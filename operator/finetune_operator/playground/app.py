@@ -41,6 +41,11 @@ def samples_rows(target: Target, only_differing: bool) -> list[list[Any]]:
     return rows
 
 
+def samples_count(target: Target, only_differing: bool) -> str:
+    shown, total = len(samples_rows(target, only_differing)), len(target.samples())
+    return f"showing {shown} of {total} samples" + (" (tuned ≠ reference)" if only_differing else "")
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     def cell(value: Any) -> str:
         return str(value).replace("|", "\\|").replace("\n", " ")
@@ -179,7 +184,8 @@ def build_app(engine: Engine) -> Any:
             table = gr.Dataframe(value=samples_rows(target, False), headers=SAMPLE_COLUMNS, interactive=False,
                                  wrap=True, elem_id="samples-table")  # fmt: skip
             gr.Markdown("Select a row to put its prompt in Compare.")
-            only.change(lambda flag: samples_rows(target, flag), [only], [table])
+            count = gr.Markdown(samples_count(target, False), elem_id="samples-count")
+            only.change(lambda flag: (samples_rows(target, flag), samples_count(target, flag)), [only], [table, count])
 
             def pick(flag: bool, event: gr.SelectData) -> str:
                 rows = samples_rows(target, flag)
