@@ -80,7 +80,11 @@ def test_trainer_image_carries_the_pinned_stack_and_runs_stages_as_the_jobs_expe
     assert image["base"].startswith("nvidia/cuda:") and "runtime" in image["base"]
     extras = re.search(r'pip install "\.\[([\w,]+)\]"', " ".join(image["run"]))
     assert extras, "the trainer installs the project with extras"
-    assert set(extras.group(1).split(",")) == {"train", "cloud"} <= PYPROJECT["project"]["optional-dependencies"].keys()
+    assert (
+        set(extras.group(1).split(","))
+        == {"train", "cloud", "playground"}  # playground: the operator's playground Deployments run this image
+        <= PYPROJECT["project"]["optional-dependencies"].keys()
+    )
     assert "torch==2.13.0" in PYPROJECT["project"]["optional-dependencies"]["train"]  # exact pin, one torch
     python = re.search(r"python3\.(\d+)", " ".join(image["run"]))
     assert python and f"3.{python.group(1)}" in SpecifierSet(PYPROJECT["project"]["requires-python"])

@@ -233,6 +233,44 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 1 if gpu_bytes and not result.fits(gpu_bytes) else 0
 
 
+def _cmd_playground(args: argparse.Namespace) -> int:
+    import json
+
+    from .playground.target import TargetError, resolve
+
+    try:
+        target = resolve(
+            Path(args.target), tuned=args.tuned, base=Path(args.base) if args.base else None,
+            config_file=Path(args.config) if args.config else None,
+            status_file=Path(args.status) if args.status else None,
+            feedback=Path(args.feedback) if args.feedback else None,
+        )  # fmt: skip
+    except TargetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(json.dumps(target.describe(), indent=2))
+        return 0
+    from .playground.app import offline
+
+    offline()
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the playground needs Gradio: pip install 'finetune-operator[playground]'", file=sys.stderr)
+        return 2
+    from .playground.app import launch
+    from .playground.engine import Engine
+
+    engine = Engine(target)
+    print(f"loaded base {target.base_path} and tuned {target.tuned_kind} {target.tuned_path}", flush=True)
+    try:
+        launch(engine, args.host, args.port, block=True, on_ready=lambda url: print(f"playground: {url}", flush=True))
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -331,6 +369,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the Prometheus /metrics endpoint; 0 turns it off (default 8000 or $FINETUNE_METRICS_PORT)",
     )
     op.set_defaults(func=_cmd_operator)
+
+    play = sub.add_parser(
+        "playground", help="compare the base and the tuned model in a local Gradio app (the `playground` extra)"
+    )
+    play.add_argument("target", help="a FineTuneJob manifest (its local output), an output folder, or a run workdir")
+    play.add_argument("--host", default=os.environ.get("FINETUNE_PLAYGROUND_HOST", "127.0.0.1"),
+                      help="address to listen on (default 127.0.0.1; 0.0.0.0 in a pod)")  # fmt: skip
+    play.add_argument("--port", type=int, default=int(os.environ.get("FINETUNE_PLAYGROUND_PORT", "7860")),
+                      help="port (default 7860)")  # fmt: skip
+    play.add_argument(
+        "--tuned",
+        default="auto",
+        choices=["auto", "merged", "adapter", "onnx"],
+        help="which exported artifact the tuned side loads (default: merged, else adapter, else onnx)",
+    )
+    play.add_argument("--base", help="the base model folder, when the run's sources.json names none that exists here")
+    play.add_argument("--config", help="the stage config (the operator's ConfigMap) when TARGET is a run workdir")
+    play.add_argument("--status", help="a status.yaml to report (default: TARGET/status.yaml)")
+    play.add_argument("--feedback", help="JSONL file for the better/worse/same judgements "
+                                         "(default: playground-feedback.jsonl next to the artifacts)")  # fmt: skip
+    play.add_argument("--check", action="store_true", help="print what would be loaded and exit (no Gradio needed)")
+    play.set_defaults(func=_cmd_playground)
 
     from .stages.runner import add_arguments
 

@@ -474,6 +474,8 @@ def apply(api: KubeApi, job: FineTuneJob, result: Plan, settings: OperatorSettin
         ctx = BuildContext(job=job.model_copy(update={"status": result.status}), stage="prepare", settings=settings)
         if workspace_pvc(ctx) is not None:  # only a workspace the operator created is the operator's to delete
             api.delete_workspace(ns, workspace_claim(ctx))
+    if result.playground:
+        _apply_playground(api, job, result, settings)
     if result.start:
         planned = job.model_copy(update={"status": result.status})
         objects = build_stage(planned, result.start, settings).all()
@@ -483,6 +485,18 @@ def apply(api: KubeApi, job: FineTuneJob, result: Plan, settings: OperatorSettin
             if obj["kind"] == "PersistentVolumeClaim" and result.start != "prepare":
                 continue  # the workspace is created with a run's first stage, not re-posted by every stage
             api.create(obj)
+
+
+def _apply_playground(api: KubeApi, job: FineTuneJob, result: Plan, settings: OperatorSettings) -> None:
+    from .cluster.plugins.playground import build_playground, playground_name
+
+    if result.playground == "delete":
+        api.delete_playground(job.namespace, playground_name(job))
+        return
+    planned = job.model_copy(update={"status": result.status})
+    order = {"ConfigMap": 0, "Service": 1, "Deployment": 2}
+    for obj in sorted(build_playground(planned, settings), key=lambda o: order.get(o["kind"], 3)):
+        api.create(obj)
 
 
 async def _refuse(api: KubeApi, key: Key, body: dict[str, Any], memo: kopf.Memo, exc: ValidationError) -> None:

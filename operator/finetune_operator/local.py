@@ -580,6 +580,13 @@ def execute(
             result: Plan = plan(job, observe(run, job), clock())
             if result.delete_other_runs or result.cleanup:
                 _clean(run, job, result)
+            if result.status.playground is not None:
+                # spec.playground is a cluster Deployment; here the same app is one command away.
+                result.status.playground = None
+                if result.playground == "create":
+                    reporter.event(
+                        "Normal", "Playground", f"compare the models: finetune-operator playground {manifest}"
+                    )
             job.status = result.status
             save_status(run, job.status)
             for event in result.events:

@@ -31,6 +31,7 @@ from .api.status import (
     Lineage,
     MetricsStatus,
     OomRecovery,
+    PlaygroundStatus,
     Progress,
     RestartRecord,
     RunRecord,
@@ -87,6 +88,8 @@ class Observed:
     stages: dict[str, ObservedStage] = field(default_factory=dict)
     other_runs: bool = False
     """Children of an earlier run still exist (they are deleted before a new run starts)."""
+    playground_ready: bool = False
+    """The playground pod of the current run is Ready."""
 
     def stage(self, name: str) -> ObservedStage:
         return self.stages.get(name, ObservedStage())
@@ -111,6 +114,8 @@ class Plan:
     """Delete every child (ttlSecondsAfterFinished has passed)."""
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
+    playground: Literal["create", "delete"] | None = None
+    """Create the playground of the current run (spec.playground), or delete the one that exists."""
 
 
 def timestamp(now: dt.datetime) -> str:
@@ -132,6 +137,7 @@ def config_hash(spec: FineTuneJobSpec, fields: tuple[str, ...] | None = None) ->
     """sha256 of the resolved spec (runPolicy left out: suspending or a TTL do not change what a run makes)."""
     data = spec.wire()
     data.pop("runPolicy", None)
+    data.pop("playground", None)  # looking at the result is not part of making it
     if fields is not None:
         data = {k: v for k, v in data.items() if k in fields}
         data["workers"] = spec.resources.workers
@@ -429,8 +435,9 @@ def plan(job: FineTuneJob, observed: Observed, now: dt.datetime) -> Plan:
     else:
         queued = _advance(job, observed, status, result, now, sequence)
 
+    _playground(job, observed, old, status, result, now)
     _conditions(job, status, old if status.run == old.run else FineTuneJobStatus(), stamp, queued)
-    result.events = _events(old, status)
+    result.events = _events(old, status) + result.events
     return result
 
 
@@ -504,6 +511,51 @@ def _fits_before_train(spec: FineTuneJobSpec, status: FineTuneJobStatus, record:
     status.message = f"train refused before any GPU was held: {status.estimate.message}"
     status.completion_time = stamp
     return False
+
+
+def _playground(
+    job: FineTuneJob,
+    observed: Observed,
+    old: FineTuneJobStatus,
+    status: FineTuneJobStatus,
+    result: Plan,
+    now: dt.datetime,
+) -> None:
+    """spec.playground: up once the run succeeded and exported, down after its TTL, a cleanup or a new run."""
+    from .cluster.plugins.playground import playground_name, port_forward, url
+
+    play = job.spec.playground
+    current = status.playground if status.playground and status.playground.run == status.run else None
+    live = old.playground is not None and old.playground.state in ("Starting", "Ready")
+    exported = (
+        status.phase == "Succeeded" and status.stages.export is not None and (status.stages.export.state == "Succeeded")
+    )
+    wanted = bool(play and play.enabled and exported and not result.cleanup)
+    expires = None
+    if wanted and play and play.ttl_seconds_after_finished is not None and status.completion_time:
+        expires = parse_time(status.completion_time) + dt.timedelta(seconds=play.ttl_seconds_after_finished)
+        if now >= expires:
+            wanted = False
+    if not wanted:
+        if live:
+            result.playground = "delete"
+            result.events.append(Event("Normal", "PlaygroundRemoved", f"playground of run {old.playground.run} "
+                                                                      "removed"))  # fmt: skip
+        if current is not None and current.state in ("Starting", "Ready"):
+            current.state = "Expired" if expires is not None and now >= expires else "Removed"
+            current.url = current.port_forward = None
+        return
+    if current is None or current.state not in ("Starting", "Ready"):
+        result.playground = "create"
+        current = PlaygroundStatus(state="Starting", run=status.run, name=playground_name(job))
+        result.events.append(Event("Normal", "PlaygroundStarted", f"playground starting: {port_forward(job)}"))
+    current.state = "Ready" if observed.playground_ready else "Starting"
+    current.url, current.port_forward = url(job), port_forward(job)
+    current.expires_at = timestamp(expires) if expires else None
+    status.playground = current
+    if expires is not None:
+        remaining = (expires - now).total_seconds()
+        result.requeue_after = min(result.requeue_after or remaining, remaining)
 
 
 def _finish_housekeeping(job: FineTuneJob, status: FineTuneJobStatus, result: Plan, now: dt.datetime) -> None:

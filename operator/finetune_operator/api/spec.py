@@ -671,6 +671,30 @@ class RunPolicy(ApiModel):
     """Delete the stage Jobs and the created workspace this long after the run finished."""
 
 
+class PlaygroundResources(ApiModel):
+    """Compute for the playground pod (requests; memory is also the limit)."""
+
+    cpu: Quantity | None = None
+    """CPU, e.g. "2" (default 2)."""
+    memory: Quantity | None = None
+    """Memory, e.g. "8Gi" (default 8Gi): room for the base and the tuned model side by side."""
+    gpus: Annotated[int, Field(ge=0, le=8)] = 0
+    """GPUs (spec.resources.gpuResourceName); 0 runs both models on CPU."""
+
+
+class PlaygroundSpec(ApiModel):
+    """A Gradio app that puts the base and the tuned model side by side, run on the exported artifacts."""
+
+    enabled: bool = False
+    """Run the playground (a Deployment and a ClusterIP Service) once the export succeeded."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Remove the playground this long after the run finished (default: it stays until the job is deleted)."""
+    tuned: Literal["auto", "merged", "adapter", "onnx"] = "auto"
+    """Which exported artifact the tuned side loads (auto: merged, else adapter, else onnx)."""
+    resources: PlaygroundResources = Field(default_factory=PlaygroundResources)
+    """CPU, memory and GPUs of the playground pod."""
+
+
 class FineTuneJobSpec(ApiModel):
     """A fine-tuning run: base model, data, method, training, evaluation and export."""
 
@@ -786,3 +810,6 @@ class FineTuneJobSpec(ApiModel):
     """Extra environment variables for every stage container."""
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     """Retries, deadline, suspension, clean-up."""
+    playground: PlaygroundSpec | None = None
+    """The playground: compare the base and the tuned model in a browser after export (not part of a run's
+    identity: turning it on does not start a new run)."""

@@ -293,6 +293,23 @@ class EstimateStatus(ApiModel):
     """CUDA out-of-memory errors the train stage recovered from by halving the micro-batch."""
 
 
+class PlaygroundStatus(ApiModel):
+    """The playground Deployment of the current run."""
+
+    state: Literal["Starting", "Ready", "Expired", "Removed"]
+    """Starting, Ready (its pod answers), Expired (ttlSecondsAfterFinished passed) or Removed."""
+    run: int
+    """The run whose artifacts it serves."""
+    name: str
+    """The Deployment and Service name."""
+    url: str | None = None
+    """In-cluster URL of the Service (absent once removed)."""
+    port_forward: str | None = None
+    """The command that opens it on your machine."""
+    expires_at: str | None = None
+    """When it is removed (RFC 3339), when spec.playground.ttlSecondsAfterFinished is set."""
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state of a FineTuneJob."""
 
@@ -332,3 +349,5 @@ class FineTuneJobStatus(ApiModel):
     """When the current run started."""
     completion_time: str | None = None
     """When the current run ended."""
+    playground: PlaygroundStatus | None = None
+    """The playground (spec.playground): its URL and state."""

@@ -25,10 +25,14 @@ def render(
     """Every object the operator would create for the job's current run, deduplicated (the workspace PVC once)."""
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
-    for stage in stages or stages_for(job.spec):
-        for obj in build_stage(job, stage, settings).all():
-            key = (obj["kind"], obj["metadata"]["name"])
-            if key not in seen:
-                seen.add(key)
-                out.append(obj)
+    objects = [o for stage in stages or stages_for(job.spec) for o in build_stage(job, stage, settings).all()]
+    if not stages and job.spec.playground and job.spec.playground.enabled:
+        from .plugins.playground import build_playground
+
+        objects += build_playground(job, settings)  # created by the operator once export succeeded
+    for obj in objects:
+        key = (obj["kind"], obj["metadata"]["name"])
+        if key not in seen:
+            seen.add(key)
+            out.append(obj)
     return out

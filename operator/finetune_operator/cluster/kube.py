@@ -211,6 +211,7 @@ class KubeApi:
         self.api_client.user_agent = _user_agent()
         self.core = client.CoreV1Api(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
+        self.apps = client.AppsV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
         self.retry = retry or RetryPolicy()
 
@@ -256,6 +257,13 @@ class KubeApi:
                 lambda ns, obj, **kw: getattr(c, f"create_namespaced_{noun}")(ns, obj, **kw),
                 lambda ns, name, **kw: getattr(c, f"read_namespaced_{noun}")(name, ns, **kw),
                 lambda ns, name, **kw: getattr(c, f"delete_namespaced_{noun}")(name, ns, **kw),
+            )
+        if kind == "Deployment":
+            a = self.apps
+            return (
+                lambda ns, obj, **kw: a.create_namespaced_deployment(ns, obj, **kw),
+                lambda ns, name, **kw: a.read_namespaced_deployment(name, ns, **kw),
+                lambda ns, name, **kw: a.delete_namespaced_deployment(name, ns, **kw),
             )
         if kind == "PodGroup":
             group, ver = api_version.split("/")
@@ -328,7 +336,9 @@ class KubeApi:
 
     def _delete(self, action: str, fn: Any, *args: Any, propagation: str = "Background") -> None:
         try:
-            self.call(action, fn, *args, propagation_policy=propagation)
+            # The response body is not needed; not decoding it avoids the client's per-kind model of the reply
+            # (a Service delete may answer with a Status, which the generated V1Service model refuses).
+            self.call(action, fn, *args, propagation_policy=propagation, _preload_content=False)
         except ApiCallError as exc:
             if exc.status != 404:
                 raise
@@ -357,6 +367,13 @@ class KubeApi:
             )
         except ApiCallError as exc:  # Volcano is optional: no CRD answers 404
             log.debug("podgroup delete: %s", exc)
+
+    def delete_playground(self, namespace: str, name: str) -> None:
+        """Delete the playground's Deployment (its pods go with it), Service and ConfigMap."""
+        where = f"{namespace}/{name}"
+        self._delete(f"delete Deployment {where}", self.apps.delete_namespaced_deployment, name, namespace)
+        self._delete(f"delete Service {where}", self.core.delete_namespaced_service, name, namespace)
+        self._delete(f"delete ConfigMap {where}", self.core.delete_namespaced_config_map, name, namespace)
 
     def job_exists(self, namespace: str, name: str) -> bool:
         try:

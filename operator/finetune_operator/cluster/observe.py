@@ -152,6 +152,7 @@ def observe(
     """`jobs` and `pods` are the FineTuneJob's children (by label); `logs` maps a stage to its log tail."""
     pods = list(pods)
     observed = Observed()
+    observed.playground_ready = playground_ready(run, pods)
     for job in jobs:
         labels = (job.get("metadata") or {}).get("labels") or {}
         stage = labels.get("finetune.dev/stage")
@@ -169,3 +170,18 @@ def observe(
         ]
         observed.stages[stage] = observe_stage(job, mine, (logs or {}).get(stage), gang=stage == "train")
     return observed
+
+
+def playground_ready(run: int, pods: Iterable[dict[str, Any]]) -> bool:
+    """A pod of the current run's playground Deployment reports Ready (its HTTP probe answers)."""
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get("finetune.dev/stage") != "playground" or labels.get("finetune.dev/run") != str(run):
+            continue
+        if meta.get("deletionTimestamp"):
+            continue
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            return True
+    return False
