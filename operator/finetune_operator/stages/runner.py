@@ -16,7 +16,7 @@ from typing import Any
 
 from .contract import EXIT_FAILURE, EXIT_OK, StageConfig, StageError, Workdir, emit, write_summary
 
-STAGE_NAMES = ("prepare", "train", "evaluate", "export")
+STAGE_NAMES = ("prepare", "search", "train", "evaluate", "export")
 
 
 def _stage_function(name: str) -> Callable[[StageConfig, Workdir], dict[str, Any]]:
@@ -24,6 +24,10 @@ def _stage_function(name: str) -> Callable[[StageConfig, Workdir], dict[str, Any
         from .prepare import run_prepare
 
         return run_prepare
+    if name == "search":
+        from .search import run_search
+
+        return run_search
     if name == "train":
         from .train import run_train
 
