@@ -217,7 +217,8 @@ def test_trial_length_from_a_fraction_of_an_epoch():
 @pytest.mark.slow
 def test_search_finds_a_learning_rate_close_to_the_grid_optimum_and_train_uses_it(tmp_path, micro_model):
     data = write_jsonl(tmp_path / "d.jsonl", first_word_rows(260, seed=5))
-    spec = local_spec(micro_model, data, method={"type": "full"}, search=LR_SEARCH,
+    search = {**LR_SEARCH, "trialSteps": 20, "maxTrainRows": 200, "maxEvalRows": 40}
+    spec = local_spec(micro_model, data, method={"type": "full"}, search=search,
                       training={"batchSize": 16, "maxSteps": 40, "loggingSteps": 10, "checkpointEverySteps": 100},
                       dataset={"validationFraction": 0.2})  # fmt: skip
     config_path = stage_config(tmp_path, spec)
@@ -235,7 +236,7 @@ def test_search_finds_a_learning_rate_close_to_the_grid_optimum_and_train_uses_i
     config = StageConfig.load(config_path)
     trial_work = Workdir(work / "search" / "workspace")
     grid = [10 ** (-5 + i * (math.log10(0.3) + 5) / 15) for i in range(16)]
-    scores = [run_one_trial(config, trial_work, {"learningRate": float(f"{lr:.6g}")}, 30).objective for lr in grid]
+    scores = [run_one_trial(config, trial_work, {"learningRate": float(f"{lr:.6g}")}, 20).objective for lr in grid]
     finite = [s for s in scores if s is not None]
     best_grid, low_end = min(finite), scores[0]
     assert found["bestObjective"] <= 1.10 * best_grid, (found, list(zip(grid, scores, strict=True)))
