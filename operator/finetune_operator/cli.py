@@ -23,6 +23,12 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _stage_names() -> tuple[str, ...]:
+    from .api.spec import STAGES
+
+    return STAGES
+
+
 def _cmd_crd(args: argparse.Namespace) -> int:
     from .api.crd import CHART_CRD_FILE, CRD_FILE, render_crd
     from .api.reference import REFERENCE_FILE, render_reference
@@ -310,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--stage",
         action="append",
-        choices=["prepare", "train", "evaluate", "export"],
+        choices=list(_stage_names()),
         help="only this stage (repeatable); default: every stage",
     )
     render.add_argument("--namespace", help="namespace when the manifest names none (default: default)")

@@ -64,6 +64,9 @@ class RichReporter(Reporter):
             self.progress.update(
                 self.task, total=record.get("totalSteps"), completed=record.get("step", 0), detail=detail
             )
+        elif kind == "trial":
+            self.progress.update(self.task, total=record.get("trials"), completed=record.get("trial", 1) - 1,
+                                 detail=str(record.get("message", ""))[:90])  # fmt: skip
         elif kind in ("step", "stage") and record.get("message"):
             self.progress.update(self.task, detail=str(record["message"])[:90])
 
@@ -83,6 +86,8 @@ class RichReporter(Reporter):
         self.console.rule(f"[{colour}]{status.phase}[/] run {status.run}{outcome}")
         if not self.tables:
             return
+        if status.search:
+            self._search_table(status)
         if status.metrics and (status.metrics.tuned or status.metrics.base):
             table = Table(title="Evaluation", show_lines=False)
             table.add_column("metric")
@@ -122,3 +127,17 @@ class RichReporter(Reporter):
             for a in status.artifacts:
                 table.add_row(a.name, a.uri, a.sha256[:16], f"{a.size_bytes / 1e6:.1f} MB")
             self.console.print(table)
+
+    def _search_table(self, status: FineTuneJobStatus) -> None:
+        search = status.search
+        assert search is not None
+        names = list(search.best) or sorted({k for t in search.trials for k in t.values})
+        table = Table(title=f"Hyper-parameter search ({search.method}, {search.direction} {search.metric})")
+        for column in ("trial", *names, search.metric, "steps", "seconds"):
+            table.add_column(column, justify="right")
+        for t in search.trials:
+            mark = " *" if t.trial == search.best_trial else ""
+            score = (t.message or "") if t.objective is None else f"{t.objective:.4g}{mark}"
+            table.add_row(str(t.trial), *(f"{t.values.get(n, 0):.4g}" for n in names), score, str(t.steps),
+                          f"{t.seconds:.1f}")  # fmt: skip
+        self.console.print(table)

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from .api.job import FineTuneJob
+from .api.spec import STAGES
 from .api.status import FINISHED_PHASES, FineTuneJobStatus
 from .api.validation import InvalidJobError, Problem, load_job, local_path
 from .planner import Observed, ObservedStage, Plan, config_hash, plan, stages_for
@@ -152,7 +153,7 @@ def observe(run: LocalRun, job: FineTuneJob) -> Observed:
     """The local equivalent of listing a run's stage Jobs: the stage summaries in its workdir."""
     work = run.workdir(job.status.run)
     stages: dict[str, ObservedStage] = {}
-    for stage in ("prepare", "train", "evaluate", "export"):
+    for stage in STAGES:
         file = work.summary_file(stage)
         if not file.exists():
             continue

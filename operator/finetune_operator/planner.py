@@ -35,13 +35,20 @@ from .api.status import (
     Progress,
     RestartRecord,
     RunRecord,
+    SearchStatus,
     ServingConfigStatus,
     StageStatus,
 )
 from .stages.contract import counts_against_backoff, exit_reason, retryable
 
-STAGE_PHASE = {"prepare": "Preparing", "train": "Training", "evaluate": "Evaluating", "export": "Exporting"}
-RUN_DEFINING = ("model", "dataset", "method", "training", "distributed")
+STAGE_PHASE = {
+    "prepare": "Preparing",
+    "search": "Searching",
+    "train": "Training",
+    "evaluate": "Evaluating",
+    "export": "Exporting",
+}
+RUN_DEFINING = ("model", "dataset", "method", "training", "search", "distributed")
 MAX_RUNS_KEPT = 10
 # A Job can be seen Complete before its pod, which carries the stage's summary: wait this long for the pod.
 SUMMARY_GRACE_SECONDS = 60
@@ -145,7 +152,8 @@ def config_hash(spec: FineTuneJobSpec, fields: tuple[str, ...] | None = None) ->
 
 
 def stages_for(spec: FineTuneJobSpec) -> list[str]:
-    return [s for s in STAGES if s != "evaluate" or spec.evaluation.enabled]
+    optional = {"evaluate": spec.evaluation.enabled, "search": spec.search is not None}
+    return [s for s in STAGES if optional.get(s, True)]
 
 
 def format_eta(seconds: float | None) -> str | None:
@@ -216,6 +224,8 @@ def _absorb_summary(status: FineTuneJobStatus, stage: str, summary: dict[str, An
             final,
             (parse_time(status.progress.updated_at) if status.progress else None) or now,
         )
+    if stage == "search" and summary.get("search"):
+        status.search = SearchStatus.model_validate(summary["search"])
     if stage == "evaluate" and "metrics" in summary:
         status.metrics = MetricsStatus(
             base=summary["metrics"].get("base", {}),
@@ -286,6 +296,8 @@ def _conditions(job: FineTuneJob, status: FineTuneJobStatus, old: FineTuneJobSta
     )
     for stage in STAGES:
         record = getattr(status.stages, stage)
+        if stage == "search" and record is None and job.spec.search is None:
+            continue  # an optional stage the job does not have
         state = record.state if record else "Pending"
         condition(
             f"{stage.capitalize()}Complete",

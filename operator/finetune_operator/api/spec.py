@@ -8,8 +8,8 @@ from pydantic import Field
 
 from .base import NON_BLANK, ApiModel, DnsLabel, Quantity, Uri, cel, rules
 
-STAGES = ("prepare", "train", "evaluate", "export")
-Stage = Literal["prepare", "train", "evaluate", "export"]
+STAGES = ("prepare", "search", "train", "evaluate", "export")
+Stage = Literal["prepare", "search", "train", "evaluate", "export"]
 Metric = Literal["perplexity", "bleu", "rouge1", "rouge2", "rougeL", "exactMatch", "rewardAccuracy"]
 GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exactMatch")
 # Which metrics each objective's model can be scored by (the README's "Evaluation metrics per objective").
@@ -390,6 +390,8 @@ class ResourcesSpec(ApiModel):
     any GPU is held, and batchSize: auto can size the micro-batch."""
     prepare: StageResources | None = None
     """Overrides for the prepare stage."""
+    search: StageResources | None = None
+    """Overrides for the search stage (GPUs as for train: gpusPerWorker)."""
     train: StageResources | None = None
     """Overrides for the train stage (per worker)."""
     evaluate: StageResources | None = None
@@ -695,6 +697,98 @@ class PlaygroundSpec(ApiModel):
     """CPU, memory and GPUs of the playground pod."""
 
 
+SearchParameterName = Literal["learningRate", "warmupRatio", "weightDecay", "lora.r", "lora.alpha"]
+SearchMetric = Literal["evalLoss", "perplexity", "bleu", "rouge1", "rouge2", "rougeL", "exactMatch", "rewardAccuracy"]
+# Metrics where lower is better; the others are maximised unless spec.search.objective.direction says otherwise.
+LOWER_IS_BETTER = ("evalLoss", "perplexity")
+# The range each searchable parameter may take (the same bounds as the spec fields they override).
+SEARCH_LIMITS: dict[str, tuple[float, float]] = {
+    "learningRate": (1e-8, 1.0),
+    "warmupRatio": (0.0, 0.99),
+    "weightDecay": (0.0, 1.0),
+    "lora.r": (1, 1024),
+    "lora.alpha": (1, 4096),
+}
+
+
+def _limits_rule() -> str:
+    return " && ".join(
+        f"(self.name != '{name}' || (self.min >= {float(low)!r} && self.max <= {float(high)!r}))"
+        for name, (low, high) in SEARCH_LIMITS.items()
+    )
+
+
+class SearchParameter(ApiModel):
+    """One hyper-parameter to search and its range."""
+
+    model_config = rules(
+        cel("self.min < self.max", "min must be below max", ".max"),
+        cel(
+            "self.scale != 'log' || self.min > 0.0",
+            "a log-scale range must start above 0: raise min or use scale: linear",
+            ".min",
+        ),
+        cel(
+            _limits_rule(),
+            "the range lies outside what the parameter allows: learningRate (0, 1], warmupRatio [0, 0.99], "
+            "weightDecay [0, 1], lora.r [1, 1024], lora.alpha [1, 4096]",
+            ".max",
+        ),
+    )
+
+    name: SearchParameterName
+    """The spec field the search sets: learningRate, warmupRatio, weightDecay (spec.training) or lora.r,
+    lora.alpha (spec.method.lora; rounded to whole numbers)."""
+    min: float
+    """Lowest value tried."""
+    max: float
+    """Highest value tried."""
+    scale: Literal["log", "linear"] = "log"
+    """log searches the exponent (right for learning rates and ranks); linear the value itself."""
+
+
+class SearchObjective(ApiModel):
+    """What a trial is scored by, on the eval split after its short training."""
+
+    metric: SearchMetric = "evalLoss"
+    """evalLoss (the objective's loss on the eval rows), perplexity, a generation metric (bleu, rouge1, rouge2,
+    rougeL, exactMatch) or rewardAccuracy (objective reward)."""
+    direction: Literal["minimize", "maximize"] | None = None
+    """Default: minimize for evalLoss and perplexity, maximize for the others."""
+
+
+class SearchSpec(ApiModel):
+    """Hyper-parameter search with SciPy before the main train stage: short trials on the prepared data."""
+
+    model_config = rules(
+        cel(
+            "self.parameters.all(p, self.parameters.exists_one(q, q.name == p.name))",
+            "each parameter may be listed once",
+            ".parameters",
+        ),
+        cel(
+            "!has(self.trialEpochs) || !has(self.trialSteps)",
+            "give the trial length as trialSteps or as trialEpochs, not both",
+            ".trialEpochs",
+        ),
+    )
+
+    parameters: Annotated[list[SearchParameter], Field(min_length=1, max_length=5)]
+    """The parameters to search (1 to 5)."""
+    trials: Annotated[int, Field(ge=2, le=32)] = 8
+    """The trial budget: how many short training runs the search may make."""
+    trial_steps: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    """Optimizer steps per trial (default 50 when trialEpochs is not given)."""
+    trial_epochs: Annotated[float, Field(gt=0, le=10)] | None = None
+    """Trial length as a fraction of an epoch of the trial data, instead of trialSteps."""
+    max_train_rows: Annotated[int, Field(ge=1, le=10_000_000)] = 2000
+    """Training rows a trial draws from (the first rows of the prepared, shuffled train split)."""
+    max_eval_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 200
+    """Eval rows a trial is scored on."""
+    objective: SearchObjective = Field(default_factory=SearchObjective)
+    """What the search optimises."""
+
+
 class FineTuneJobSpec(ApiModel):
     """A fine-tuning run: base model, data, method, training, evaluation and export."""
 
@@ -770,6 +864,37 @@ class FineTuneJobSpec(ApiModel):
             ".training.optimizer",
         ),
         cel(
+            "!has(self.search) || self.method.type != 'full' || "
+            "self.search.parameters.all(p, !p.name.startsWith('lora.'))",
+            "lora.r and lora.alpha are searched only for method types lora and qlora",
+            ".search.parameters",
+        ),
+        cel(
+            "!has(self.search) || self.training.objective != 'grpo'",
+            "search scores trials on the eval split, which grpo has no loss for: remove spec.search for grpo",
+            ".search",
+        ),
+        cel(
+            "!has(self.search) || !has(self.search.objective) || "
+            "self.search.objective.metric != 'rewardAccuracy' || self.training.objective == 'reward'",
+            "rewardAccuracy scores reward models: use it with spec.training.objective reward, or use evalLoss",
+            ".search.objective.metric",
+        ),
+        cel(
+            "!has(self.search) || !has(self.search.objective) || "
+            "!(self.search.objective.metric in ['bleu', 'rouge1', 'rouge2', 'rougeL', 'exactMatch', 'perplexity']) "
+            "|| self.training.objective == 'sft'",
+            "perplexity and generation metrics score sft trials; use evalLoss for dpo and reward",
+            ".search.objective.metric",
+        ),
+        cel(
+            "!has(self.search) || !has(self.search.objective) || "
+            "!(self.search.objective.metric in ['bleu', 'rouge1', 'rouge2', 'rougeL', 'exactMatch']) "
+            "|| self.dataset.format in ['completion', 'chat']",
+            "generation metrics need references: use format completion or chat, or evalLoss",
+            ".search.objective.metric",
+        ),
+        cel(
             "self.resources.workers == 1 || (has(self.storage) && has(self.storage.workspace) && "
             "(has(self.storage.workspace.claimName) || 'ReadWriteMany' in self.storage.workspace.accessModes))",
             "workers > 1 share one workspace across nodes: set spec.storage.workspace.claimName to a "
@@ -786,6 +911,9 @@ class FineTuneJobSpec(ApiModel):
     """LoRA, QLoRA or full fine-tuning."""
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     """Objective and hyper-parameters (default: sft for one epoch)."""
+    search: SearchSpec | None = None
+    """Hyper-parameter search before training (a search stage between prepare and train); its best values
+    replace the searched spec.training / spec.method.lora fields in the main run."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Workers, GPUs and per-stage CPU/memory."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)

@@ -8,8 +8,10 @@ from pydantic import Field
 
 from .base import ApiModel
 
-Phase = Literal["Pending", "Preparing", "Training", "Evaluating", "Exporting", "Succeeded", "Failed", "Suspended"]
-ACTIVE_PHASES = ("Preparing", "Training", "Evaluating", "Exporting")
+Phase = Literal[
+    "Pending", "Preparing", "Searching", "Training", "Evaluating", "Exporting", "Succeeded", "Failed", "Suspended"
+]
+ACTIVE_PHASES = ("Preparing", "Searching", "Training", "Evaluating", "Exporting")
 FINISHED_PHASES = ("Succeeded", "Failed")
 StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
 MAX_RESTARTS_KEPT = 20
@@ -87,6 +89,8 @@ class StagesStatus(ApiModel):
 
     prepare: StageStatus | None = None
     """The prepare stage."""
+    search: StageStatus | None = None
+    """The hyper-parameter search stage (only with spec.search)."""
     train: StageStatus | None = None
     """The train stage."""
     evaluate: StageStatus | None = None
@@ -161,6 +165,42 @@ class MetricsStatus(ApiModel):
     """True when every gate passed."""
     summary: str | None = None
     """One line for the printer column, e.g. "perplexity 12.3 (base 30.1)"."""
+
+
+class SearchTrial(ApiModel):
+    """One trial of the hyper-parameter search."""
+
+    trial: int
+    """Trial number, from 1."""
+    values: dict[str, float] = Field(default_factory=dict)
+    """The parameter values tried (spec field name -> value)."""
+    objective: float | None = None
+    """The objective's value on the eval rows (absent when the trial failed)."""
+    steps: int = 0
+    """Optimizer steps the trial trained."""
+    seconds: float = 0.0
+    """Wall time of the trial (training and scoring)."""
+    message: str | None = None
+    """Why the trial failed, when it did (e.g. the loss diverged)."""
+
+
+class SearchStatus(ApiModel):
+    """The hyper-parameter search: every trial and the winner."""
+
+    metric: str
+    """The objective metric, e.g. evalLoss."""
+    direction: Literal["minimize", "maximize"]
+    """Whether lower or higher was better."""
+    method: str
+    """The scipy.optimize method used, e.g. minimize_scalar(bounded) or direct."""
+    best: dict[str, float] = Field(default_factory=dict)
+    """The winning values; the main train stage uses them."""
+    best_objective: float | None = None
+    """The objective of the winning trial."""
+    best_trial: int | None = None
+    """Which trial won."""
+    trials: list[SearchTrial] = Field(default_factory=list)
+    """Every trial, in the order run."""
 
 
 class Artifact(ApiModel):
@@ -331,6 +371,8 @@ class FineTuneJobStatus(ApiModel):
     """Per-stage records."""
     progress: Progress | None = None
     """Training progress."""
+    search: SearchStatus | None = None
+    """The hyper-parameter search's trials and winner (with spec.search)."""
     metrics: MetricsStatus | None = None
     """Evaluation results and gates."""
     artifacts: list[Artifact] = Field(default_factory=list)

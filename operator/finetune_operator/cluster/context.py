@@ -9,12 +9,13 @@ from typing import Any
 
 from ..api.base import API_VERSION, KIND
 from ..api.job import FineTuneJob
+from ..api.spec import STAGES
 
 CONTAINER = "stage"
 WORKSPACE_MOUNT = "/workspace"
 CONFIG_MOUNT = "/etc/finetune"
 PVC_ROOT = "/mnt/pvc"
-GPU_STAGES = ("train", "evaluate")
+GPU_STAGES = ("search", "train", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class OperatorSettings:
     stage_resources: dict[str, dict[str, str]] = field(
         default_factory=lambda: {
             "prepare": {"cpu": "4", "memory": "16Gi"},
+            "search": {"cpu": "8", "memory": "64Gi"},
             "train": {"cpu": "8", "memory": "64Gi"},
             "evaluate": {"cpu": "4", "memory": "32Gi"},
             "export": {"cpu": "4", "memory": "32Gi"},
@@ -58,7 +60,7 @@ def _stage_resources(raw: str) -> dict[str, dict[str, str]]:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"FINETUNE_STAGE_RESOURCES is not JSON ({exc}); expected {fix}") from None
-    stages = ("prepare", "train", "evaluate", "export")
+    stages = STAGES
     if not isinstance(value, dict):
         raise ValueError(f"FINETUNE_STAGE_RESOURCES must be an object; expected {fix}")
     for stage, values in value.items():

@@ -193,6 +193,10 @@ class Workdir:
         return self.root / "reports"
 
     @property
+    def search(self) -> Path:
+        return self.root / "search"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "train" / "checkpoints"
 
@@ -257,7 +261,9 @@ def write_termination(path: str, payload: dict[str, Any]) -> None:
     if len(text.encode()) > TERMINATION_LIMIT:
         # Keep what the operator needs for status; the rest stays in the workdir summary.
         keep = {
-            k: payload[k] for k in ("stage", "run", "ok", "message", "metrics", "gates", "artifacts") if k in payload
+            k: payload[k]
+            for k in ("stage", "run", "ok", "message", "metrics", "gates", "artifacts", "search")
+            if k in payload
         }
         text = json.dumps(keep, separators=(",", ":"), default=str)
         if len(text.encode()) > TERMINATION_LIMIT:

@@ -31,7 +31,7 @@ from .contract import (
     write_termination,
 )
 
-STAGE_NAMES = ("prepare", "train", "evaluate", "export")
+STAGE_NAMES = ("prepare", "search", "train", "evaluate", "export")
 
 
 def _stage_function(name: str) -> Callable[[StageConfig, Workdir], dict[str, Any]]:
@@ -39,6 +39,10 @@ def _stage_function(name: str) -> Callable[[StageConfig, Workdir], dict[str, Any
         from .prepare import run_prepare
 
         return run_prepare
+    if name == "search":
+        from .search import run_search
+
+        return run_search
     if name == "train":
         from .train import run_train
 

@@ -435,12 +435,18 @@ def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    spec = config.spec
+    from .search import searched_config
+
     meta_file = workdir.final / TRAIN_META
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
         if meta.get("run") == config.run:
             return {**meta["summary"], "message": f"already trained (run {config.run}): {meta['summary']['message']}"}
+    config, searched = searched_config(config, workdir)
+    spec = config.spec
+    if searched:
+        chosen = ", ".join(f"{k}={v:g}" for k, v in searched.items())
+        emit("step", "train", message=f"with the search's values: {chosen}")
 
     reporter = ProgressReporter()
     gang = GangCheckpointing(reporter)
@@ -498,6 +504,8 @@ def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
             "worldSize": trainer.args.world_size,
             "artifact": "adapter" if spec.method.type != "full" else "model",
             "objective": spec.training.objective,
+            "learningRate": spec.training.learning_rate,
+            "searched": searched,
             "progress": reporter.history[-1] if reporter.history else None,
             "lastCheckpoint": reporter.last_checkpoint,
             "checkpointSeconds": round(sum(gang.save_seconds) / len(gang.save_seconds), 3)

@@ -1,5 +1,6 @@
-"""Volcano gang scheduling of the train workers: schedulerName volcano, a PodGroup with minMember = workers, and
-the group annotation on the pods, so all workers start together or none holds a GPU."""
+"""Volcano gang scheduling of the GPU stages that train: schedulerName volcano, a PodGroup with minMember = the
+stage's pods (the train workers; the search stage's one pod), and the group annotation on the pods, so all workers
+start together or none holds a GPU, and every GPU pod of the job waits in the same Volcano queue."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 
 def apply(ctx: BuildContext, objs: StageObjects) -> None:
     gang = ctx.job.spec.scheduling.gang
-    if gang is None or ctx.stage != "train":
+    if gang is None or ctx.stage not in ("search", "train"):
         return
     spec = ctx.job.spec
-    group: dict = {"minMember": spec.resources.workers}
+    group: dict = {"minMember": spec.resources.workers if ctx.stage == "train" else 1}
     if gang.queue:
         group["queue"] = gang.queue
     if spec.scheduling.priority_class_name:
