@@ -71,6 +71,9 @@ def _object(draw: st.DrawFn, fields: dict[str, st.SearchStrategy[Any]], required
 
 def from_schema(node: dict[str, Any]) -> st.SearchStrategy[Any]:
     """Values the structural schema `node` describes (CEL rules not considered: both judges check those)."""
+    if node.get("x-kubernetes-int-or-string"):
+        # e.g. training.batchSize: a count, or the one word the field's rule allows ("auto")
+        return st.one_of(st.integers(min_value=-2, max_value=64), st.sampled_from(["auto", "Auto", ""]))
     kind = node["type"]
     if kind == "object" and "properties" in node:
         required = set(node.get("required", []))

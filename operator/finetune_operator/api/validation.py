@@ -106,10 +106,14 @@ def _type_message(kind: str, got: Any) -> str:
     return msg
 
 
+# pydantic names the member of a union in an error's location (training.batchSize.constrained-int): not a field.
+UNION_TAG = re.compile(r"^(constrained-\w+|function-\w+\[.*|literal\[.*|nullable\[.*|int|str|float|bool)$")
+
+
 def _pydantic_problems(err: ValidationError) -> list[Problem]:
-    problems = []
+    problems: list[Problem] = []
     for e in err.errors():
-        loc = tuple(e["loc"])
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and UNION_TAG.match(p)))
         got = e.get("input")
         kind = e["type"]
         if kind == "missing":
@@ -135,6 +139,10 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
             text = e["msg"][0].lower() + e["msg"][1:]
             text = text.removeprefix("input ").removeprefix("value error, ")
             msg = f"{text} (got {got!r})" if not isinstance(got, dict | list) else text
+        same = next((p for p in problems if p.path == _path(loc)), None)
+        if same is not None:  # one field, several union members refused it: one problem, every way to fix it
+            problems[problems.index(same)] = Problem(same.path, f"{same.message}; or {msg}")
+            continue
         problems.append(Problem(_path(loc), msg))
     return problems
 
