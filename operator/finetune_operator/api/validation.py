@@ -1,9 +1,10 @@
 """Offline validation of FineTuneJob manifests: the CRD's rules plus what a CRD cannot express.
 
-The same rules the API server applies are applied here, from the same source: pydantic checks types, enums and
-ranges (the CRD schema is generated from those models), and the CRD's own `x-kubernetes-validations` CEL rules
-are evaluated on the defaulted object with cel-python. Semantic checks that need more than one object's fields or
-knowledge of where the job will run (cluster or local mode) come last.
+The same rules the API server applies are applied here, from the same source: the manifest is read as the server
+reads it (`as_decoded`), pydantic checks types (strictly), enums and ranges (the CRD schema is generated from
+those models), and the CRD's own `x-kubernetes-validations` CEL rules are evaluated on the defaulted object with
+cel-python. Checks that need to know where the job will run (cluster or local mode) come last. The tests hold
+the verdicts to the real API server's (tests/test_api_server.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Problem:
     message: str
     severity: Literal["error", "warning"] = "error"
     beyond_crd: bool = False
-    """A rule the API server cannot check (files, where the job runs, lengths across fields): see the README."""
+    """A rule the API server cannot check (where the job runs, local files): the README lists them."""
 
     def format(self, source: str = "") -> str:
         prefix = f"{source}: " if source else ""
