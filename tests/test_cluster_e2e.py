@@ -501,6 +501,7 @@ def test_deleting_a_finetunejob_while_a_stage_runs_stops_everything(env: Env):
     assert not cluster.running  # the train process was stopped with its pod
 
 
+@pytest.mark.slow  # 21 operator start-ups
 def test_the_operator_killed_at_20_random_moments_finishes_the_run_once(env: Env):
     seed = random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
