@@ -102,8 +102,10 @@ class Env:
         try:
             return wait_until(reached, timeout, f"phase {phase}", interval=0.2)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\nstatus: {json.dumps(self.status(name), indent=1)[:3000]}\n"
-                                 f"operator log:\n{self.operators[-1].tail(40) if self.operators else ''}") from None
+            raise AssertionError(
+                f"{exc}\nstatus: {json.dumps(self.status(name), indent=1)[:3000]}\n"
+                f"operator log:\n{self.operators[-1].tail(40) if self.operators else ''}"
+            ) from None
 
     def events(self, name: str = NAME) -> list[dict[str, Any]]:
         uid = self.get(name)["metadata"]["uid"]
@@ -441,8 +443,15 @@ def synced_false(env: Env) -> dict[str, Any] | None:
 def stale_config_map(env: Env, labels: dict[str, str], owner: dict[str, Any] | None) -> None:
     metadata: dict[str, Any] = {"name": f"{NAME}-prepare-config", "labels": labels}
     if owner:
-        metadata["ownerReferences"] = [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-                                        "name": NAME, "uid": owner["metadata"]["uid"], "controller": True}]
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": NAME,
+                "uid": owner["metadata"]["uid"],
+                "controller": True,
+            }
+        ]
     env.rest.create("configmaps", env.namespace, {"metadata": metadata, "data": {"config.json": "{}"}})
 
 
@@ -568,7 +577,7 @@ def test_suspend_stops_the_running_stage_and_resume_runs_it_again(env: Env):
     env.operator()
     env.apply(FAKE_SPEC)
     env.wait_phase("Training")
-    wait_until(lambda: ("train" in {s for s, _ in cluster.processes_started}), 30, "the train pod running")
+    wait_until(lambda: "train" in {s for s, _ in cluster.processes_started}, 30, "the train pod running")
     env.apply({**FAKE_SPEC, "runPolicy": {"suspend": True}})
     status = env.wait_phase("Suspended")
     assert status["stages"]["prepare"]["state"] == "Succeeded"
