@@ -410,6 +410,7 @@ def test_failed_creates_and_status_writes_are_retried(env: Env):
     env.proxy.inject(
         Fault("POST", r"/jobs$", status=500, times=2),
         Fault("POST", r"/configmaps$", status=503, times=1),
+        Fault("POST", r"/configmaps$", status=409, times=1),  # a 409 for an object that is not there
         Fault("PATCH", rf"/finetunejobs/{NAME}/status$", status=500, times=2),
         Fault("PATCH", rf"/finetunejobs/{NAME}/status$", delay=2.0, times=1),
     )
