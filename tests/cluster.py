@@ -507,7 +507,12 @@ class Cluster:
         base = {k: v for k, v in os.environ.items() if k != "KUBECONFIG" and not k.startswith("PYTEST")}
         with log.open("wb") as out:
             return subprocess.Popen(
-                argv, cwd=root, env={**base, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                argv,
+                cwd=root,
+                env={**base, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 preexec_fn=die_with_parent,
             )
 

@@ -37,7 +37,6 @@ from ..api.base import GROUP, PLURAL, VERSION
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CHILD_KINDS = ("Job", "ConfigMap", "Service", "PodGroup")
 FIELD_MANAGER = "finetune-operator"
 SPEC_HASH = "finetune.dev/spec-hash"
 """Annotation on every child: sha256 of the object as built, to tell a child of this job and run from a stale one."""
