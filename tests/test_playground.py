@@ -91,7 +91,7 @@ def test_bad_targets_are_refused_with_the_fix(run_output, tmp_path, capsys):
         resolve(tmp_path)
     with pytest.raises(TargetError, match=r"--tuned onnx: .* has no onnx artifact \(found: adapter\)"):
         resolve(_only(run_output, tmp_path, "adapter"), tuned="onnx")
-    manifest = make_job(tmp_path)
+    manifest = make_job(tmp_path, model={"source": str(resolve(run_output).base_path)})  # valid, never run
     assert main(["playground", str(manifest)]) == 2
     assert "run `finetune-operator run" in capsys.readouterr().err
     assert main(["playground", str(run_output), "--check"]) == 0

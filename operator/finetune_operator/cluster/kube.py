@@ -337,7 +337,9 @@ class KubeApi:
         try:
             # The response body is not needed; not decoding it avoids the client's per-kind model of the reply
             # (a Service delete may answer with a Status, which the generated V1Service model refuses).
-            self.call(action, fn, *args, propagation_policy=propagation, _preload_content=False)
+            reply = self.call(action, fn, *args, propagation_policy=propagation, _preload_content=False)
+            reply.read()  # drain it so the connection goes back to the pool
+            reply.release_conn()
         except ApiCallError as exc:
             if exc.status != 404:
                 raise
