@@ -380,10 +380,7 @@ class Cluster:
             env = self._env(pod, container, mounts)
         except PodNotReady as exc:
             return self._pending(pod, str(exc))
-        termination_path = container.get("terminationMessagePath", "/dev/termination-log")
         termination = root / "termination-log"
-        termination.write_text("")
-        mounts.add(termination_path, termination)
         log = root / "container.log"
         stage = (meta.get("labels") or {}).get("finetune.dev/stage", "")
         if self.fake is not None:
@@ -430,6 +427,9 @@ class Cluster:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         mounts = Mounts(root / "fs")
+        # The termination message file first: the config files below name it and are remapped with it.
+        (root / "termination-log").write_text("")
+        mounts.add(container.get("terminationMessagePath", "/dev/termination-log"), root / "termination-log")
         files: list[Path] = []
         for mount in container.get("volumeMounts") or []:
             volume = volumes[mount["name"]]
