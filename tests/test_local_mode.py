@@ -199,6 +199,7 @@ def _stage_processes(tmp: Path) -> list[str]:
     return found
 
 
+@pytest.mark.timeout(1800)  # two runs (prepare, train, export); 900 s was not enough at a load of 30 on 2 cores
 def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start):
     """What `timeout`, systemd, a CI runner or `kill` send: the stages stop, the run is Suspended, and resumes."""
     manifest = make_job(
