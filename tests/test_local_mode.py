@@ -177,7 +177,7 @@ def start(tmp_path):
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 600) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 1200) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[0]
