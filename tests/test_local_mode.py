@@ -128,6 +128,7 @@ def test_a_failed_gate_ends_failed_without_export_in_one_line(tmp_path, capsys):
     )
 
 
+@pytest.mark.timeout(1800)  # three tiny runs; at a load of 38 on 2 cores the third began after 900 s
 def test_a_failed_run_is_retried_by_the_same_command_after_the_fix(tmp_path, capsys):
     """Fixing the data (not the spec) and running the same command retries the failed stage, not `phase: Failed`."""
     manifest = make_job(tmp_path, training={"maxSteps": 3}, evaluation={"enabled": False, "gates": []})
