@@ -127,10 +127,11 @@ def duration(seconds: float) -> str:
 def figures(record: dict[str, Any]) -> str:
     latest = record.get("latest")
     if latest is None:
-        return (
-            f"```console\n$ {' '.join(COMMAND)}\n```\n\nNo measured run is recorded in benchmarks/quickstart.json "
-            "yet: `python scripts/quickstart_figures.py` runs the quickstart and writes its output and figures here."
+        note = (
+            "No measured run is recorded in benchmarks/quickstart.json yet: `python scripts/quickstart_figures.py` "
+            "runs the quickstart and writes its output, figures and time here."
         )
+        return f"```console\n$ {' '.join(COMMAND)}\n```\n\n" + textwrap.fill(note, width=115)
     base, tuned = latest["metrics"]["base"], latest["metrics"]["tuned"]
     times = []
     for kind in ("idle", "busy"):

@@ -128,6 +128,7 @@ def test_a_failed_gate_ends_failed_without_export_in_one_line(tmp_path, capsys):
     )
 
 
+@pytest.mark.timeout(1800)  # three tiny runs; at a load of 38 on 2 cores the third began after 900 s
 def test_a_failed_run_is_retried_by_the_same_command_after_the_fix(tmp_path, capsys):
     """Fixing the data (not the spec) and running the same command retries the failed stage, not `phase: Failed`."""
     manifest = make_job(tmp_path, training={"maxSteps": 3}, evaluation={"enabled": False, "gates": []})
@@ -177,7 +178,7 @@ def start(tmp_path):
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 600) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 1200) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[0]
@@ -199,6 +200,7 @@ def _stage_processes(tmp: Path) -> list[str]:
     return found
 
 
+@pytest.mark.timeout(1800)  # two runs (prepare, train, export); 900 s was not enough at a load of 30 on 2 cores
 def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start):
     """What `timeout`, systemd, a CI runner or `kill` send: the stages stop, the run is Suspended, and resumes."""
     manifest = make_job(
