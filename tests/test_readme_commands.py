@@ -32,6 +32,8 @@ NOT_HERE = {
     "bash scripts/setup.sh": "installs packages: CI runs it as its set-up step",
     "python -m pytest": "is this test suite",
     "python3.11 -m venv": "creates a virtual environment: CI's machine is set up by scripts/setup.sh",
+    "finetune-operator playground": "serves a web app over a finished run until stopped: tests/test_playground.py "
+    "drives it in a real browser",
 }
 QUICKSTART = "finetune-operator run examples/quickstart/finetunejob.yaml --init-model tiny-gpt2"
 
