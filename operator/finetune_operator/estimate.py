@@ -809,7 +809,8 @@ def add_work(
         steps = math.ceil(sequences * epochs / seqs_per_step)
         tokens = (tokens_per_epoch or sequences * plan.seq_len) * epochs
     else:
-        est.work = {"note": "steps unknown until prepare has counted the data"}
+        est.work = {"gpu": gpu} if gpu else {}
+        est.notes.append("steps and time unknown until prepare has counted the data (or set maxSteps)")
         return est
     work["tokensPerEpoch"] = int(tokens_per_epoch) if tokens_per_epoch else None
     work["sequences"] = sequences

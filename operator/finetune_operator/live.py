@@ -76,6 +76,14 @@ class RichReporter(Reporter):
     def finished(self, status: FineTuneJobStatus) -> None:
         colour = "green" if status.phase == "Succeeded" else "red"
         self.console.rule(f"[{colour}]{status.phase}[/] run {status.run}: {status.message or ''}")
+        if status.estimate:
+            from .estimate import one_line
+
+            recoveries = len(status.estimate.oom_recoveries)
+            self.console.print(
+                f"estimate: {one_line(status.estimate.wire())}"
+                + (f"; recovered from {recoveries} CUDA out-of-memory error(s)" if recoveries else "")
+            )
         if status.metrics and (status.metrics.tuned or status.metrics.base):
             table = Table(title="Evaluation", show_lines=False)
             table.add_column("metric")
