@@ -719,7 +719,10 @@ def estimate(arch: Architecture, plan: Plan) -> Estimate:
         # Only each block's input is kept; one block is recomputed at a time in the backward pass, after the
         # loss' temporaries are gone.
         mem.activations = embed + tokens * arch.layers * arch.hidden * residual
-        mem.recomputed_block = tokens * per_layer
+        # The recomputed block's backward also holds its gradients: about four fp32 MLP-width tensors at once
+        # (measured on CPU: benchmarks/estimate_cpu.py).
+        inter = arch.intermediate * (arch.experts_per_token if arch.experts > 1 else 1)
+        mem.recomputed_block = tokens * (per_layer + 4 * inter * 4)
     else:
         mem.activations = embed + tokens * (arch.layers * per_layer - _first_layer_saving(arch, plan))
     mem.logits = _logits_bytes(arch, plan, tokens)
