@@ -361,7 +361,7 @@ def plan_from_spec(spec: Any, *, seq_len: int | None = None, micro_batch: int | 
         seq_len=seq_len or spec.dataset.max_seq_length,
         grad_accum=training.gradient_accumulation_steps,
         gradient_checkpointing=training.gradient_checkpointing,
-        compute="fp32" if training.precision == "fp32" else ("fp16" if training.precision == "fp16" else "bf16"),
+        compute=_compute_dtype(training.precision, resources.gpus_per_worker),
         weights_dtype=spec.model.dtype,
         optimizer=training.optimizer,
         lora_r=method.lora.r,
@@ -375,9 +375,17 @@ def plan_from_spec(spec: Any, *, seq_len: int | None = None, micro_batch: int | 
         gpus_per_worker=resources.gpus_per_worker,
         strategy=spec.distributed.strategy,
         objective=training.objective,
+        device="cuda" if resources.gpus_per_worker else "cpu",
         grpo_generations=grpo.num_generations if grpo else 4,
         grpo_completion=grpo.max_completion_length if grpo else 64,
     )
+
+
+def _compute_dtype(precision: str, gpus: int) -> str:
+    """What the train stage computes in (stages/train.py resolve_precision): auto is bf16 on GPUs, fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if gpus else "fp32"
+    return {"bf16": "bf16", "fp16": "fp16"}.get(precision, "fp32")
 
 
 def _spec_micro_batch(training: Any) -> int:
