@@ -4,6 +4,7 @@ the micro-batch, doubling accumulation and resuming from its last checkpoint."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,10 +61,12 @@ def test_injected_out_of_memory_resumes_from_the_checkpoint_with_half_the_micro_
     training = {"maxSteps": 6, "batchSize": 4, "gradientAccumulationSteps": 2, "checkpointEverySteps": 2,
                 "learningRate": 0.01, "loggingSteps": 1}  # fmt: skip
     spec = local_spec(micro_model, data, method={"type": "full"}, training=training)
-    baseline = run(tmp_path / "plain", spec, "prepare", "train")
+    run(tmp_path / "plain", spec, "prepare")
+    shutil.copytree(tmp_path / "plain", tmp_path / "oom")  # the same prepared data for both runs
+    baseline = run(tmp_path / "plain", spec, "train")
 
     monkeypatch.setenv("FINETUNE_INJECT_OOM_AT_STEP", "3")
-    recovered = run(tmp_path / "oom", spec, "prepare", "train")
+    recovered = run(tmp_path / "oom", spec, "train")
     assert recovered["steps"] == 6
     assert recovered["oomRecoveries"] == [{"atStep": 2, "microBatch": 2, "gradientAccumulationSteps": 4}]
     assert (recovered["microBatch"], recovered["gradientAccumulationSteps"]) == (2, 4)
