@@ -70,7 +70,7 @@ def test_run_without_the_ml_stack_says_which_extra_to_install(monkeypatch, capsy
 def test_a_stage_crash_is_one_line_with_the_fix_when_known():
     log = (
         '{"finetune.dev/progress": "stage", "stage": "train", "state": "Running"}\n'
-        "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    import peft\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    import peft\n'
         "ModuleNotFoundError: No module named 'peft'\n"
     )
     message = crash_message(1, log)

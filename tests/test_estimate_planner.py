@@ -66,7 +66,7 @@ def _after_prepare(job: FineTuneJob) -> tuple[FineTuneJob, Any]:
 
 
 def test_planner_refuses_an_8b_full_fine_tune_on_one_80gb_gpu_before_the_train_job_exists():
-    job, decision = _after_prepare(_job(_spec()))
+    _, decision = _after_prepare(_job(_spec()))
     status = decision.status
     assert decision.start is None  # no train Job, no GPU held
     assert status.phase == "Failed"
@@ -82,7 +82,7 @@ def test_planner_refuses_an_8b_full_fine_tune_on_one_80gb_gpu_before_the_train_j
 
 def test_planner_accepts_the_same_run_with_fsdp_over_8_gpus():
     spec = _spec(**{"resources.gpusPerWorker": 8, "distributed.strategy": "fsdp"})
-    job, decision = _after_prepare(_job(spec))
+    _, decision = _after_prepare(_job(spec))
     assert decision.start == "train"
     estimate = decision.status.estimate
     assert estimate.fits is True and estimate.world_size == 8
@@ -91,11 +91,11 @@ def test_planner_accepts_the_same_run_with_fsdp_over_8_gpus():
 
 
 def test_planner_re_estimates_when_resources_change_after_prepare():
-    job, decision = _after_prepare(_job(_spec()))
+    _, decision = _after_prepare(_job(_spec()))
     assert decision.status.phase == "Failed"
     # The same prepared data on 8 GPUs with FSDP: resources do not start a new run, the estimate is redone.
     fresh = _job(_spec(**{"resources.gpusPerWorker": 8, "distributed.strategy": "fsdp"}))
-    job, decision = _after_prepare(fresh)
+    _, decision = _after_prepare(fresh)
     assert decision.status.estimate.fits and decision.start == "train"
 
 
@@ -104,12 +104,12 @@ def test_a_known_gpu_in_the_node_selector_gives_the_memory():
     spec["resources"].pop("gpuMemory")
     spec["method"] = {"type": "lora"}
     spec["model"]["dtype"] = "bfloat16"
-    job, decision = _after_prepare(_job(spec))
+    _, decision = _after_prepare(_job(spec))
     estimate = decision.status.estimate
     assert estimate.gpu_memory_gi_b == pytest.approx(22.49, abs=0.01) and estimate.gpu == "L4"
     assert estimate.fits is True  # LoRA on 8B bf16 (15 GiB) with checkpointing, one 2048-token sequence
     spec["training"]["batchSize"] = 4  # four sequences: their 4 x 2048 x 128k fp32 logits no longer fit
-    job, decision = _after_prepare(_job(spec))
+    _, decision = _after_prepare(_job(spec))
     assert decision.status.estimate.fits is False
     message = decision.status.message
     assert "model weights" in message and "qlora" in message and "smaller spec.training.batchSize" in message
@@ -180,7 +180,8 @@ def test_examples_estimate_offline_from_the_table():
 
 def test_new_fields_are_accepted_by_the_real_api_server(crd_installed, namespace):
     manifest = {
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "auto", "namespace": namespace},
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "auto", "namespace": namespace},
         "spec": _spec(**{"training.batchSize": "auto", "training.effectiveBatchSize": 32}),
     }  # fmt: skip
     manifest["spec"]["output"]["uri"] = "s3://bucket/out"
@@ -197,3 +198,22 @@ def test_new_fields_are_accepted_by_the_real_api_server(crd_installed, namespace
     manifest["spec"]["training"].pop("effectiveBatchSize")
     done = crd_installed.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest), check=False)
     assert done.returncode != 0 and "effectiveBatchSize" in done.stderr
+
+
+def test_an_out_of_memory_recovery_is_recorded_in_status_with_a_warning_event():
+    spec = _spec(**{"resources.gpusPerWorker": 8, "distributed.strategy": "fsdp"})
+    job, decision = _after_prepare(_job(spec))
+    job.status = decision.status
+    prepare = ObservedStage(exists=True, succeeded=True, summary={"ok": True, "message": "prepared"})
+    recovery = {"atStep": 200, "microBatch": 1, "gradientAccumulationSteps": 16}
+    train = ObservedStage(
+        exists=True, succeeded=True, completion_time="2026-01-01T01:00:00Z",
+        summary={"ok": True, "message": "trained", "steps": 400, "microBatch": 1, "gradientAccumulationSteps": 16,
+                 "oomRecoveries": [recovery]},
+    )  # fmt: skip
+    after = plan(job, Observed(stages={"prepare": prepare, "train": train}), NOW + dt.timedelta(hours=1))
+    estimate = after.status.estimate
+    assert [r.wire() for r in estimate.oom_recoveries] == [recovery]
+    assert (estimate.micro_batch, estimate.gradient_accumulation_steps) == (1, 16)
+    warning = [e for e in after.events if e.reason == "OutOfMemoryRecovered"]
+    assert warning and "step 200" in warning[0].message and warning[0].type == "Warning"

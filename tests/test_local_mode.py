@@ -225,7 +225,6 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start):
     assert FineTuneJobStatus.model_validate(status_of(tmp_path)).phase == "Succeeded"
 
 
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
 def test_ctrl_c_and_a_closed_terminal_stop_like_sigterm(tmp_path, start, signum):
     manifest = make_job(tmp_path, training={"maxSteps": 100000}, evaluation={"enabled": False, "gates": []})

@@ -361,7 +361,7 @@ def plan_from_spec(spec: Any, *, seq_len: int | None = None, micro_batch: int | 
         seq_len=seq_len or spec.dataset.max_seq_length,
         grad_accum=training.gradient_accumulation_steps,
         gradient_checkpointing=training.gradient_checkpointing,
-        compute="fp32" if training.precision == "fp32" else ("fp16" if training.precision == "fp16" else "bf16"),
+        compute=_compute_dtype(training.precision, resources.gpus_per_worker),
         weights_dtype=spec.model.dtype,
         optimizer=training.optimizer,
         lora_r=method.lora.r,
@@ -375,9 +375,17 @@ def plan_from_spec(spec: Any, *, seq_len: int | None = None, micro_batch: int | 
         gpus_per_worker=resources.gpus_per_worker,
         strategy=spec.distributed.strategy,
         objective=training.objective,
+        device="cuda" if resources.gpus_per_worker else "cpu",
         grpo_generations=grpo.num_generations if grpo else 4,
         grpo_completion=grpo.max_completion_length if grpo else 64,
     )
+
+
+def _compute_dtype(precision: str, gpus: int) -> str:
+    """What the train stage computes in (stages/train.py resolve_precision): auto is bf16 on GPUs, fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if gpus else "fp32"
+    return {"bf16": "bf16", "fp16": "fp16"}.get(precision, "fp32")
 
 
 def _spec_micro_batch(training: Any) -> int:
@@ -719,7 +727,10 @@ def estimate(arch: Architecture, plan: Plan) -> Estimate:
         # Only each block's input is kept; one block is recomputed at a time in the backward pass, after the
         # loss' temporaries are gone.
         mem.activations = embed + tokens * arch.layers * arch.hidden * residual
-        mem.recomputed_block = tokens * per_layer
+        # The recomputed block's backward also holds its gradients: about four fp32 MLP-width tensors at once
+        # (measured on CPU: benchmarks/estimate_cpu.py).
+        inter = arch.intermediate * (arch.experts_per_token if arch.experts > 1 else 1)
+        mem.recomputed_block = tokens * (per_layer + 4 * inter * 4)
     else:
         mem.activations = embed + tokens * (arch.layers * per_layer - _first_layer_saving(arch, plan))
     mem.logits = _logits_bytes(arch, plan, tokens)
@@ -809,7 +820,8 @@ def add_work(
         steps = math.ceil(sequences * epochs / seqs_per_step)
         tokens = (tokens_per_epoch or sequences * plan.seq_len) * epochs
     else:
-        est.work = {"note": "steps unknown until prepare has counted the data"}
+        est.work = {"gpu": gpu} if gpu else {}
+        est.notes.append("steps and time unknown until prepare has counted the data (or set maxSteps)")
         return est
     work["tokensPerEpoch"] = int(tokens_per_epoch) if tokens_per_epoch else None
     work["sequences"] = sequences

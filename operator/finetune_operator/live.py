@@ -88,6 +88,14 @@ class RichReporter(Reporter):
             return
         if status.search:
             self._search_table(status)
+        if status.estimate:
+            from .estimate import one_line
+
+            recoveries = len(status.estimate.oom_recoveries)
+            self.console.print(
+                f"estimate: {one_line(status.estimate.wire())}"
+                + (f"; recovered from {recoveries} CUDA out-of-memory error(s)" if recoveries else "")
+            )
         if status.metrics and (status.metrics.tuned or status.metrics.base):
             table = Table(title="Evaluation", show_lines=False)
             table.add_column("metric")

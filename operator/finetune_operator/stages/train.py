@@ -22,6 +22,8 @@ from typing import Any
 from .contract import EXIT_PREEMPTED, StageConfig, StageError, Workdir, emit
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+BATCH_STATE = "finetune-batch.json"  # the micro-batch after out-of-memory recoveries, kept across restarts
+INJECT_OOM_ENV = "FINETUNE_INJECT_OOM_AT_STEP"  # fault injection: raise CUDA OOM once at this step (tests, drills)
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TRAIN_META = "finetune-train.json"
 
@@ -289,13 +291,58 @@ class ProgressReporter:
         emit("progress", "train", **record)
 
 
-def _common_args(config: StageConfig, workdir: Workdir, precision: dict[str, Any]) -> dict[str, Any]:
+def resolve_batch(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
+    """Micro-batch and accumulation: after an out-of-memory recovery, what it chose; else batchSize (auto: the
+    largest micro-batch the estimate fits, from the inputs prepare recorded) with effectiveBatchSize kept."""
+    from .. import estimate as estimator
+
+    state_file = workdir.checkpoints / BATCH_STATE
+    if state_file.exists():
+        return json.loads(state_file.read_text())
+    tr = config.spec.training
+    inputs_file = workdir.reports / "estimate.json"
+    if inputs_file.exists():
+        inputs = json.loads(inputs_file.read_text())
+        try:
+            plan = estimator.job_estimate(config.spec, inputs["architecture"], inputs["data"]).plan
+            return {"microBatch": plan.micro_batch, "gradientAccumulationSteps": plan.grad_accum, "oomRecoveries": []}
+        except (estimator.EstimateError, KeyError, TypeError, ValueError) as exc:
+            emit("step", "train", message=f"no estimate for the batch size ({exc}); using the spec's")
+    micro = tr.batch_size if isinstance(tr.batch_size, int) else 1
+    accumulation = tr.gradient_accumulation_steps
+    if tr.effective_batch_size:
+        world = config.spec.resources.workers * max(1, config.spec.resources.gpus_per_worker)
+        accumulation = max(1, math.ceil(tr.effective_batch_size / (micro * world)))
+    return {"microBatch": micro, "gradientAccumulationSteps": accumulation, "oomRecoveries": []}
+
+
+def halve_batch(batch: dict[str, Any], at_step: int) -> dict[str, Any]:
+    """The next micro-batch after an out-of-memory error: the largest divisor at most half, with accumulation
+    raised by the same factor (same effective batch, so the same sequences per optimizer step)."""
+    micro = batch["microBatch"]
+    smaller = next(d for d in range(micro // 2, 0, -1) if micro % d == 0)
+    accumulation = batch["gradientAccumulationSteps"] * (micro // smaller)
+    record = {"atStep": at_step, "microBatch": smaller, "gradientAccumulationSteps": accumulation}
+    return {"microBatch": smaller, "gradientAccumulationSteps": accumulation,
+            "oomRecoveries": [*batch.get("oomRecoveries", []), record]}  # fmt: skip
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def _common_args(
+    config: StageConfig, workdir: Workdir, precision: dict[str, Any], batch: dict[str, Any] | None = None
+) -> dict[str, Any]:
     spec = config.spec
     tr = spec.training
+    batch = batch or resolve_batch(config, workdir)
     args: dict[str, Any] = {
         "output_dir": str(workdir.checkpoints),
-        "per_device_train_batch_size": tr.batch_size,
-        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
+        "per_device_train_batch_size": batch["microBatch"],
+        "gradient_accumulation_steps": batch["gradientAccumulationSteps"],
         "learning_rate": tr.learning_rate,
         "lr_scheduler_type": tr.lr_scheduler,
         "warmup_ratio": tr.warmup_ratio,
@@ -346,7 +393,13 @@ def _exact_match_reward(kind: str):
     return reward
 
 
-def build_trainer(config: StageConfig, workdir: Workdir, tokenizer: Any, precision: dict[str, Any]) -> Any:
+def build_trainer(
+    config: StageConfig,
+    workdir: Workdir,
+    tokenizer: Any,
+    precision: dict[str, Any],
+    batch: dict[str, Any] | None = None,
+) -> Any:
     from datasets import load_from_disk
 
     spec = config.spec
@@ -356,7 +409,7 @@ def build_trainer(config: StageConfig, workdir: Workdir, tokenizer: Any, precisi
     if not model_path or not workdir.train_data.exists():
         raise StageError("the prepare stage has not completed in this workdir (no prepared data)", config_error=True)
     train = load_from_disk(str(workdir.train_data))
-    common = _common_args(config, workdir, precision)
+    common = _common_args(config, workdir, precision, batch)
     peft = spec.method.type in ("lora", "qlora")
     model = load_base_model(config, model_path, precision, for_reward=objective == "reward")
     if objective == "reward" and model.config.pad_token_id is None:
@@ -431,6 +484,89 @@ def build_trainer(config: StageConfig, workdir: Workdir, tokenizer: Any, precisi
     )  # fmt: skip
 
 
+def _prepared_trainer(
+    config: StageConfig,
+    workdir: Workdir,
+    tokenizer: Any,
+    precision: dict[str, Any],
+    batch: dict[str, Any],
+    reporter: ProgressReporter,
+    gang: GangCheckpointing,
+) -> tuple[Any, Path | None]:
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = build_trainer(config, workdir, tokenizer, precision, batch)
+    trainer.remove_callback(PrinterCallback)  # our JSON progress lines replace its dict prints
+    trainer.add_callback(reporter.as_callback())
+    trainer.add_callback(gang.as_callback())
+    if os.environ.get(INJECT_OOM_ENV):
+        trainer.add_callback(_injected_oom(int(os.environ[INJECT_OOM_ENV]), workdir.checkpoints / ".oom-injected"))
+    resume = latest_valid_checkpoint(workdir.checkpoints)
+    if trainer.is_world_process_zero():
+        removed = remove_partial_checkpoints(workdir.checkpoints, resume)
+        if removed:
+            emit("step", "train", message=f"removed incomplete checkpoints {', '.join(sorted(removed))}")
+    if resume is not None:
+        _rebase_checkpoint(resume, batch["microBatch"])
+        emit("step", "train", message=f"resuming from {resume.name}")
+        reporter.last_checkpoint = _checkpoint_record(resume)
+    return trainer, resume
+
+
+def _rebase_checkpoint(checkpoint: Path, micro_batch: int) -> None:
+    """The Trainer restores a checkpoint's own batch size on resume; after a recovery it must take the new one."""
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    if state.get("train_batch_size") not in (None, micro_batch):
+        state["train_batch_size"] = micro_batch
+        state_file.write_text(json.dumps(state, indent=2))
+
+
+def _recover_from_oom(
+    config: StageConfig, workdir: Workdir, batch: dict[str, Any], resume: Path | None, exc: BaseException
+) -> dict[str, Any]:
+    if batch["microBatch"] <= 1:
+        raise StageError(
+            "CUDA out of memory at micro-batch 1: enable spec.training.gradientCheckpointing, use method qlora, "
+            f"shard with spec.distributed.strategy: fsdp, or lower spec.dataset.maxSeqLength ({exc})".rstrip()
+        ) from exc
+    checkpoint = latest_valid_checkpoint(workdir.checkpoints)
+    at_step = int(CHECKPOINT_RE.match(checkpoint.name).group(1)) if checkpoint else 0  # type: ignore[union-attr]
+    halved = halve_batch(batch, at_step)
+    workdir.checkpoints.mkdir(parents=True, exist_ok=True)
+    (workdir.checkpoints / BATCH_STATE).write_text(json.dumps(halved, indent=2))
+    emit(
+        "step", "train", message=f"CUDA out of memory at micro-batch {batch['microBatch']}: resuming from step "
+        f"{at_step} with micro-batch {halved['microBatch']} x accumulation {halved['gradientAccumulationSteps']}",
+    )  # fmt: skip
+    return halved
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _injected_oom(step: int, marker: Path) -> Any:
+    """Raise a CUDA out-of-memory error once, when training reaches `step` (the marker keeps it to once)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class _InjectOom(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step >= step and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(str(step))
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_OOM_ENV}={step})")
+
+    return _InjectOom()
+
+
 def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
@@ -455,23 +591,24 @@ def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
     allow_cpu_index_locations()
     torch.manual_seed(spec.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(workdir.tokenizer))
-    trainer = build_trainer(config, workdir, tokenizer, precision)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # our JSON progress lines replace its dict prints
-    trainer.add_callback(reporter.as_callback())
-    trainer.add_callback(gang.as_callback())
-
-    resume = latest_valid_checkpoint(workdir.checkpoints)
-    if trainer.is_world_process_zero():
-        removed = remove_partial_checkpoints(workdir.checkpoints, resume)
-        if removed:
-            emit("step", "train", message=f"removed incomplete checkpoints {', '.join(sorted(removed))}")
-    if resume is not None:
-        emit("step", "train", message=f"resuming from {resume.name}")
-        reporter.last_checkpoint = _checkpoint_record(resume)
+    batch = resolve_batch(config, workdir)
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    while True:
+        trainer, resume = _prepared_trainer(config, workdir, tokenizer, precision, batch, reporter, gang)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            break
+        except Exception as exc:  # CUDA OOM: halve the micro-batch, keep the effective batch, resume
+            if not _is_oom(exc):
+                raise
+            batch = _recover_from_oom(config, workdir, batch, resume, exc)
+            if trainer.args.world_size > 1:
+                # The other ranks wait in a collective: fail this attempt; the retry reads the halved batch.
+                raise StageError(
+                    f"CUDA out of memory; the retry continues with micro-batch {batch['microBatch']}"
+                ) from exc
+            del trainer
+            _free_memory()
     elapsed = time.monotonic() - started
     state = trainer.state
     if gang.preempted_at is not None:
@@ -490,7 +627,13 @@ def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
             "ok": True,
             "message": f"trained {state.global_step} steps"
             + (f" (resumed at step {reporter.first_step})" if resume else "")
-            + (f", final loss {losses[-1]:.4f}" if losses else ""),
+            + (f", final loss {losses[-1]:.4f}" if losses else "")
+            + (
+                f"; recovered from {len(batch['oomRecoveries'])} CUDA out-of-memory error(s), now micro-batch "
+                f"{batch['microBatch']} x accumulation {batch['gradientAccumulationSteps']}"
+                if batch.get("oomRecoveries")
+                else ""
+            ),
             "steps": state.global_step,
             "totalSteps": state.max_steps,
             "epoch": state.epoch,
@@ -498,6 +641,9 @@ def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
             "firstLoss": losses[0] if losses else None,
             "trainLoss": float(result.training_loss) if not math.isnan(result.training_loss) else None,
             "resumedFrom": resume.name if resume else None,
+            "microBatch": batch["microBatch"],
+            "gradientAccumulationSteps": batch["gradientAccumulationSteps"],
+            "oomRecoveries": batch.get("oomRecoveries", []),
             "tokensPerSecond": round((tokens - reporter.start_tokens) / elapsed, 1) if steps_run else None,
             "runtimeSeconds": round(elapsed, 1),
             "precision": precision["name"],
