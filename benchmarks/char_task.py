@@ -1,7 +1,8 @@
 """A character-level task on an `--init-model` model: the BPE tokenizer against the char tokenizer.
 
-The task: upper-case a random 4-6 letter string ("Upper-case: qzmfa" -> "QZMFA"). The eval strings never occur in
-the training rows, so a model only scores by learning the letters, not by recalling whole-string tokens. Both runs
+The task: upper-case a made-up 4-6 letter word ("Upper-case: qzmfa" -> "QZMFA"). Every word also occurs in
+"Repeat:" rows, as words recur in real data, so the BPE tokenizer makes each one a single token; the upper-case of
+the 60 eval words is never shown, so a model only scores by learning letters. Both runs
 use the same model size, steps and data; only `--init-tokenizer` differs (the model is built as `run --init-model`
 builds it, then the prepare, train and evaluate stage programs run in this process). Run:
 
@@ -24,15 +25,22 @@ from typing import Any
 import yaml
 
 
-def rows(count: int, rng: random.Random, exclude: set[str]) -> list[dict[str, str]]:
-    out: list[dict[str, str]] = []
-    while len(out) < count:
+def task_data(seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Train and eval rows over 240 made-up words, each also seen in a "Repeat:" row, as words recur in real data.
+
+    So the BPE tokenizer learns every word as one token; the upper-case of the 60 eval words is never shown.
+    """
+    rng = random.Random(seed)
+    words: list[str] = []
+    while len(words) < 240:
         word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 6)))
-        if word in exclude:
-            continue
-        exclude.add(word)
-        out.append({"instruction": "Upper-case:", "input": word, "output": word.upper()})
-    return out
+        if word not in words:
+            words.append(word)
+    repeat = [{"instruction": "Repeat:", "input": w, "output": w} for w in words for _ in range(3)]
+    upper = [{"instruction": "Upper-case:", "input": w, "output": w.upper()} for w in words]
+    train = repeat + upper[:180] * 2
+    rng.shuffle(train)
+    return train, upper[180:]
 
 
 def manifest(root: Path, steps: int) -> Path:
@@ -95,9 +103,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny-gpt2", choices=["micro", "tiny-gpt2"])
     parser.add_argument("--tokenizers", nargs="+", default=["bpe", "char"])
     args = parser.parse_args()
-    rng = random.Random(0)
-    seen: set[str] = set()
-    data = (rows(800, rng, seen), rows(100, rng, seen))
+    data = task_data()
     results = [run(t, args.steps, args.preset, data) for t in args.tokenizers]
     print(
         "| --init-tokenizer | vocab | mean tokens/row | exact match, eval (unseen strings) | exact match, train rows |"
