@@ -86,7 +86,7 @@ def checkpoint_cost(root: Path, model: Path, steps: int, method: str) -> dict[st
 
 def gang_restart(root: Path, model: Path) -> float:
     """Seconds from SIGKILL of one of 2 workers to the next attempt's first step (local supervisor)."""
-    from finetune_operator.local import Reporter, run_stage_processes
+    from finetune_operator.local import Reporter, kill_tree, run_stage_processes
     from finetune_operator.stages.train import latest_valid_checkpoint
 
     spec = _spec(model, 30, 10, workers=2)
@@ -107,7 +107,7 @@ def gang_restart(root: Path, model: Path) -> float:
                 return
             if "killed" not in marks and latest_valid_checkpoint(run.workdir(1).checkpoints):
                 marks["killed"] = time.monotonic()
-                os.killpg(self.pids[1][1], signal.SIGKILL)
+                kill_tree(self.pids[1][1])
             elif "killed" in marks and 2 in self.pids and "resumed" not in marks:
                 marks["resumed"] = time.monotonic()
 

@@ -21,7 +21,15 @@ import pytest
 
 from finetune_operator.api.job import FineTuneJob
 from finetune_operator.api.spec import FineTuneJobSpec
-from finetune_operator.local import LocalRun, Reporter, _free_port, _train_env, run_stage_processes, stage_config
+from finetune_operator.local import (
+    LocalRun,
+    Reporter,
+    _free_port,
+    _train_env,
+    kill_tree,
+    run_stage_processes,
+    stage_config,
+)
 from finetune_operator.stages.contract import (
     EXIT_CONFIG_ERROR,
     EXIT_INTERNAL_ERROR,
@@ -154,7 +162,7 @@ def test_a_killed_worker_restarts_the_gang_from_the_last_checkpoint(tmp_path, tm
         def on_progress(self, record: dict[str, Any]) -> None:
             if "killed" not in seen and record["step"] >= kill_at and latest_valid_checkpoint(checkpoints):
                 seen.update(killed=record["step"], resume=latest_valid_checkpoint(checkpoints).name)
-                os.killpg(self.pids[1][victim], signal.SIGKILL)  # the whole worker, as when its pod or node dies
+                kill_tree(self.pids[1][victim])  # the whole worker, as when its pod or node dies
 
     killer = Killer()
     assert run_stage_processes(job, run, "train", killer) == 0, (kill_at, victim, killer.events)
@@ -218,7 +226,7 @@ def test_sigterm_checkpoints_every_rank_at_the_same_step_and_the_same_command_re
     finally:
         for proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
     assert [p.returncode for p in procs] == [EXIT_PREEMPTED, EXIT_PREEMPTED], "".join(lines)[-3000:]
 
     newest = latest_valid_checkpoint(checkpoints)

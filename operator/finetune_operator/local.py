@@ -314,7 +314,7 @@ def supervise(procs: list[subprocess.Popen], grace: float, poll: float = 0.2) ->
         if stopping_since is not None and time.monotonic() - stopping_since > grace:
             for index, proc in enumerate(procs):
                 if index not in ended:
-                    with_suppressed(lambda p=proc: os.killpg(p.pid, signal.SIGKILL))
+                    kill_tree(proc.pid)
         time.sleep(poll)
     return list(ended.values())
 
@@ -328,8 +328,23 @@ def stop_all(procs: list[subprocess.Popen], grace: float) -> None:
         try:
             p.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            with_suppressed(lambda p=p: os.killpg(p.pid, signal.SIGKILL))
+            kill_tree(p.pid)
             p.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a worker as a container dies: the process, its group, and every descendant (torchrun starts each
+    rank in a session of its own, so its group alone would leave the ranks running)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    with_suppressed(lambda: os.killpg(pid, signal.SIGKILL))
+    for proc in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 def _resume_point(work: Workdir) -> str | None:

@@ -140,7 +140,8 @@ class GangCheckpointing:
         if state.is_world_process_zero:
             marker = {**record, "worldSize": args.world_size, "saveSeconds": round(seconds or 0.0, 3)}
             (folder / CHECKPOINT_MARKER).write_text(json.dumps(marker))
-            emit("checkpoint", "train", **record, saveSeconds=round(seconds or 0.0, 3))
+            emit("checkpoint", "train", step=record["step"], location=record["location"],
+                 completedAt=record["time"], saveSeconds=round(seconds or 0.0, 3))  # fmt: skip
 
 
 def resolve_precision(precision: str) -> dict[str, Any]:
