@@ -87,7 +87,7 @@ def test_reward_model_trains_on_pairs(tmp_path, micro_model):
         data,
         dataset={"format": "preference", "columns": {}},
         method={"type": "full"},
-        training={"objective": "reward", "maxSteps": 30, "learningRate": 0.005, "batchSize": 8},
+        training={"objective": "reward", "maxSteps": 60, "learningRate": 0.01, "batchSize": 8},
     )
     summary = run(tmp_path, spec, "prepare", "train")
     config = json.loads((tmp_path / "work" / "train" / "final" / "config.json").read_text())
