@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import platform
@@ -45,7 +46,6 @@ sys.path[:0] = [str(REPO), str(REPO / "operator")]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "operator"), os.environ.get("PYTHONPATH")]))
 
 import psutil  # noqa: E402
-
 from tests.apiserver import find_apiserver_dir  # noqa: E402
 from tests.cluster import Cluster, FakeStages, FaultProxy, OperatorProcess, Recorded, Rest, free_port  # noqa: E402
 
@@ -95,7 +95,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "max": None, "n": 0}
     ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     return {"p50": statistics.median(ordered), "p95": p95, "max": ordered[-1], "n": len(ordered)}
 
 
@@ -273,7 +273,7 @@ def analyse(requests: list[tuple[float, Recorded]], created: dict[str, float], c
         stages.sort()
         if name in created and stages[0][1] == "prepare":
             first.append(stages[0][0] - created[name])
-        for (_, _, done), (next_at, _, _) in zip(stages, stages[1:], strict=False):
+        for (_, _, done), (next_at, _, _) in itertools.pairwise(stages):
             if done in completed:
                 handoff.append(next_at - completed[done])
         last = stages[-1][2]
@@ -321,7 +321,7 @@ def event_check(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
+    return "-" if value is None else f"{value:.2f}"
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     load_start = Path("/proc/loadavg").read_text().strip()
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    cores, python = os.cpu_count(), platform.python_version()
+    print(f"machine: {platform.node()} {platform.machine()} {platform.processor()}, {cores} cores, Python {python}")
     print(f"load average at start: {load_start}")
     results = []
     with tempfile.TemporaryDirectory(prefix="ft-control-plane-") as tmp_name:
