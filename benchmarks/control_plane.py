@@ -325,15 +325,16 @@ def fmt(value: float | None) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = ["| jobs | first stage p50 / p95 / max | hand-off p50 / p95 / max | finish p50 | writes / transition "
-            "(+ Events) | reads / transition | reconciles / job | RSS idle → peak | CPU s / job | Jobs once, "
+    rows = ["| jobs (finished) | first stage p50 / p95 / max | hand-off p50 / p95 / max | finish p50 "
+            "| writes / transition (+ Events) | reads / transition | reconciles / job | RSS idle → peak | CPU s / job | Jobs once, "
             "Events once |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in results:
         first, handoff = r["firstStage"], r["handoff"]
         once = (not r["stageJobsCreatedTwice"] and r["stageJobsCreated"] == r["stageJobsExpected"]
                 and not r["events"]["repeated"] and not r["events"]["countAboveOne"])  # fmt: skip
+        finished = r["phases"].get("Succeeded", 0)
         rows.append(
-            f"| {r['jobs']} | {fmt(first['p50'])} / {fmt(first['p95'])} / {fmt(first['max'])} s "
+            f"| {r['jobs']} ({finished}) | {fmt(first['p50'])} / {fmt(first['p95'])} / {fmt(first['max'])} s "
             f"| {fmt(handoff['p50'])} / {fmt(handoff['p95'])} / {fmt(handoff['max'])} s | {fmt(r['finish']['p50'])} s "
             f"| {r['writesPerTransition']:.2f} (+ {r['eventPostsPerTransition']:.2f}) | {r['readsPerTransition']:.2f} "
             f"| {r['reconcilesPerJob']:.1f} | {r['rssIdleMB']:.0f} → {r['rssPeakMB']:.0f} MB "
