@@ -33,4 +33,4 @@ def test_control_plane_benchmark_counts_every_transition_of_two_jobs(crd_install
     assert result["callsPerTransition"]["create jobs"] == 0.8
     assert result["writesPerTransition"] >= 1 and result["reconcilesPerJob"] >= 5
     assert result["rssPeakMB"] >= result["rssIdleMB"] > 0
-    assert "| 2 (2) |" in benchmark.table([result])
+    assert "| 2 (2) |" in benchmark.table([result]) and "| yes (8 Jobs) |" in benchmark.table([result])
