@@ -134,10 +134,14 @@ def test_a_failed_run_is_retried_by_the_same_command_after_the_fix(tmp_path, cap
     manifest = make_job(tmp_path, training={"maxSteps": 3}, evaluation={"enabled": False, "gates": []})
     data = tmp_path / "data" / "train.jsonl"
     good = data.read_text()
+    # The model first: --init-model reads the data too, and would refuse the bad row before any stage runs.
+    from finetune_operator.stages.tiny import build_tiny_model, corpus_from_jsonl
+
+    build_tiny_model(tmp_path / "model", corpus_from_jsonl(data), preset="micro")
     rows = good.splitlines()
     rows[6] = json.dumps({"instruction": "Give the first word.", "input": "red cat", "output": 7})
     data.write_text("\n".join(rows) + "\n")
-    assert main(["run", str(manifest), "--init-model", "micro"]) == 1
+    assert main(["run", str(manifest)]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: prepare failed: spec.dataset.source: row 7: column 'output'")
     assert last.endswith(f"(log: {tmp_path / 'out' / '.work' / 'run-1' / 'prepare.log'}; after the fix, "
