@@ -140,7 +140,8 @@ def test_playground_goes_with_the_job_ttl_and_with_a_new_run():
 
     job = make_job(playground=PLAYGROUND)
     _, seen = exported(job)
-    job.spec.training.epochs = 2  # a spec change after completion: run 2
+    job.spec.training.epochs = 2  # a spec change after completion (a new metadata.generation): run 2
+    job.metadata["generation"] = job.generation + 1
     rerun = step(job, dict(seen), now=T0 + dt.timedelta(seconds=30))
     assert rerun.status.run == 2 and rerun.playground == "delete"
 
@@ -177,8 +178,8 @@ def test_playground_configmap_and_service_on_the_real_api_server(apiserver, name
     job = FineTuneJob.model_validate(raw)
     served = [o for o in build_playground(job) if o["kind"] != "Deployment"]
     for obj in served:
-        assert api.create(obj) is True
-        assert api.create(obj) is False  # an existing one is left alone
+        assert api.create(obj) == "created"
+        assert api.create(obj) == "exists"  # ours, for this job and run: left alone
     service = api.core.read_namespaced_service("demo-playground", namespace)
     assert service.spec.ports[0].port == PORT and service.spec.selector["finetune.dev/stage"] == "playground"
     config_map = api.core.read_namespaced_config_map("demo-playground", namespace)
