@@ -141,8 +141,10 @@ def _nodes(value: Any, node: dict[str, Any], path: tuple[Any, ...] = ()):
 
 def _wrong_values(value: Any, node: dict[str, Any]) -> list[tuple[str, Any]]:
     """(mutation name, a value that breaks `node`) for one node."""
-    kind = node["type"]
+    kind = node.get("type")
     out: list[tuple[str, Any]] = []
+    if node.get("x-kubernetes-int-or-string"):
+        out += [("bool-for-int-or-string", True), ("fraction-for-int-or-string", 1.5), ("unknown-word", "most")]
     if kind == "boolean":
         out += [("string-for-bool", "yes"), ("number-for-bool", 1)]
     if kind in ("integer", "number"):

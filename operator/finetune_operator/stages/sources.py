@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,13 +225,31 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars and no parser log lines from datasets: a malformed file gets one line of ours instead."""
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
 def read_local_rows(path: Path, field: str, cache: str) -> Rows:
     """Rows of a local file or folder, with the reason and line when a file is malformed."""
     import datasets
 
     builder, files = _data_files(path, field)
     try:
-        dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache)
+        with _quiet_datasets():
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache)
     except Exception as exc:  # datasets raises a zoo of parser errors; all mean the file is malformed
         if builder == "json":
             for name in files:
