@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .cluster import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,14 +82,10 @@ def stop_apiserver(server: ApiServer) -> None:
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.1, what: str = "condition") -> Any:
     """Poll until `predicate()` is truthy and return its value; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    try:
+        return wait_until(predicate, timeout, what, interval)
+    except AssertionError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,21 @@ def stage_config(tmp: Path, spec: dict[str, Any], name: str = "t") -> Path:
     return path
 
 
+def run_stages(tmp: Path, spec: dict[str, Any], *stages: str) -> dict[str, Any]:
+    """Run `stages` in order in one workspace (each must exit 0); the last stage's summary."""
+    import json
+
+    from finetune_operator.stages.runner import run_stage
+
+    config = stage_config(tmp, spec)
+    summary: dict[str, Any] = {}
+    for stage in stages:
+        code = run_stage(stage, config, tmp / "work")
+        summary = json.loads((tmp / "work" / "summaries" / f"{stage}.json").read_text())
+        assert code == 0, summary
+    return summary
+
+
 def local_spec(model: Path, data: Path, **sections: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "model": {"source": str(model)},

@@ -153,26 +153,29 @@ CASES = [  # (method, autocast bf16, gradient checkpointing)
 ]  # fmt: skip
 
 
+def activation_point(method: str, autocast: bool, checkpointing: bool, batch: int, seq: int) -> tuple[int, int]:
+    """(estimated, measured) activation bytes of one forward + backward of the ACT_MODEL (also the benchmark's)."""
+    model = _model(ACT_MODEL)
+    if method == "lora":
+        model = _lora(model.to(torch.bfloat16) if autocast else model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method == "lora":
+            model.enable_input_require_grads()
+    model.train()
+    measured = measured_activation_peak(model, batch, seq, autocast)
+    plan = E.Plan(
+        method=method, micro_batch=batch, seq_len=seq, compute="bf16" if autocast else "fp32", lora_r=8,
+        gradient_checkpointing=checkpointing, attention_mask=False, device="cpu",
+    )  # fmt: skip
+    mem = E.estimate(E.Architecture.from_config(ACT_MODEL), plan).memory
+    return mem.activations + max(mem.logits, mem.recomputed_block) + mem.autocast_copies, measured
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'bf16' if c[1] else 'fp32'}{'-ckpt' if c[2] else ''}")
 def test_activation_estimate_within_25_percent_of_the_measured_peak(case):
-    method, autocast, checkpointing = case
-    arch = E.Architecture.from_config(ACT_MODEL)
-    for batch, seq in POINTS if not checkpointing else POINTS[1:2]:
-        model = _model(ACT_MODEL)
-        if method == "lora":
-            model = _lora(model.to(torch.bfloat16) if autocast else model)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if method == "lora":
-                model.enable_input_require_grads()
-        model.train()
-        measured = measured_activation_peak(model, batch, seq, autocast)
-        plan = E.Plan(
-            method=method, micro_batch=batch, seq_len=seq, compute="bf16" if autocast else "fp32", lora_r=8,
-            gradient_checkpointing=checkpointing, attention_mask=False, device="cpu",
-        )  # fmt: skip
-        mem = E.estimate(arch, plan).memory
-        predicted = mem.activations + max(mem.logits, mem.recomputed_block) + mem.autocast_copies
+    for batch, seq in POINTS if not case[2] else POINTS[1:2]:
+        predicted, measured = activation_point(*case, batch, seq)
         assert predicted == pytest.approx(measured, rel=0.25), (batch, seq, predicted, measured)
 
 

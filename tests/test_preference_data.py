@@ -12,9 +12,7 @@ import pytest
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
-from finetune_operator.stages.runner import run_stage
-
-from .conftest import WORDS, local_spec, stage_config, write_jsonl
+from .conftest import WORDS, local_spec, run_stages, write_jsonl
 
 
 def number_transcripts(count: int) -> list[dict[str, str]]:
@@ -30,16 +28,6 @@ def number_transcripts(count: int) -> list[dict[str, str]]:
     return rows
 
 
-def run(tmp: Path, spec: dict, *stages: str) -> dict:
-    config = stage_config(tmp, spec)
-    summary: dict = {}
-    for stage in stages:
-        code = run_stage(stage, config, tmp / "work")
-        summary = json.loads((tmp / "work" / "summaries" / f"{stage}.json").read_text())
-        assert code == 0, summary
-    return summary
-
-
 def dpo_spec(model: Path, data: Path, **sections) -> dict:
     spec = local_spec(model, data, dataset={"format": "preference", "columns": {}, "validationFraction": 0.2},
                       training={"objective": "dpo", "maxSteps": 2, "batchSize": 4})  # fmt: skip
@@ -50,7 +38,7 @@ def dpo_spec(model: Path, data: Path, **sections) -> dict:
 
 def test_transcripts_whose_answers_share_a_prefix_split_at_the_assistant_turn(tmp_path, micro_model):
     data = write_jsonl(tmp_path / "hh.jsonl", number_transcripts(40))
-    run(tmp_path, dpo_spec(micro_model, data), "prepare")
+    run_stages(tmp_path, dpo_spec(micro_model, data), "prepare")
     records = [json.loads(r) for r in load_from_disk(str(tmp_path / "work" / "data" / "train"))["record"]]
     assert records and all(r["prompt"].endswith("\n\nAssistant:") for r in records)
     for r in records:
@@ -61,7 +49,7 @@ def test_transcripts_whose_answers_share_a_prefix_split_at_the_assistant_turn(tm
 
 def test_dpo_with_the_default_evaluation_runs_through_evaluate(tmp_path, micro_model):
     data = write_jsonl(tmp_path / "hh.jsonl", number_transcripts(40))
-    summary = run(tmp_path, dpo_spec(micro_model, data), "prepare", "train", "evaluate")
+    summary = run_stages(tmp_path, dpo_spec(micro_model, data), "prepare", "train", "evaluate")
     metrics = summary["metrics"]
     assert summary["ok"] is True and set(metrics["tuned"]) == {"perplexity", "loss"}
     assert 1 < metrics["tuned"]["perplexity"] < 1e4 and 1 < metrics["base"]["perplexity"] < 1e4
@@ -98,7 +86,7 @@ def test_dpo_trains_on_the_prompt_evaluation_generates_from(tmp_path, micro_mode
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     spec = dpo_spec(model, data, dataset={"evalSource": str(data)},
                     evaluation={"metrics": ["perplexity", "exactMatch"]})  # fmt: skip
-    run(tmp_path, spec, "prepare")
+    run_stages(tmp_path, spec, "prepare")
     prompts, chosen, warnings = _dpo_prompts_and_answers(tmp_path, caplog)
     evaluation = load_from_disk(str(tmp_path / "work" / "data" / "eval"))
     by_reference = dict(zip(evaluation["reference"], evaluation["prompt_text"], strict=True))
@@ -126,7 +114,7 @@ def test_reward_model_is_scored_by_rounded_reward_accuracy(tmp_path, micro_model
                       method={"type": "full"}, training={"objective": "reward", "maxSteps": 2, "batchSize": 4},
                       evaluation={"metrics": ["rewardAccuracy"],
                                   "gates": [{"metric": "rewardAccuracy", "min": 0}]})  # fmt: skip
-    summary = run(tmp_path, spec, "prepare", "train", "evaluate")
+    summary = run_stages(tmp_path, spec, "prepare", "train", "evaluate")
     for which in ("base", "tuned", "train"):
         accuracy = summary["metrics"][which]["rewardAccuracy"]
         assert list(summary["metrics"][which]) == ["rewardAccuracy"] and accuracy == round(accuracy, 6)

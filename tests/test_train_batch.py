@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from finetune_operator.stages.runner import run_stage
-
-from .conftest import first_word_rows, local_spec, stage_config, write_jsonl
-
-
-def run(tmp: Path, spec: dict, *stages: str) -> dict:
-    config = stage_config(tmp, spec)
-    summary: dict = {}
-    for stage in stages:
-        code = run_stage(stage, config, tmp / "work")
-        summary = json.loads((tmp / "work" / "summaries" / f"{stage}.json").read_text())
-        assert code == 0, summary
-    return summary
+from .conftest import first_word_rows, local_spec, run_stages, write_jsonl
 
 
 def test_halving_keeps_the_effective_batch():
@@ -43,13 +30,13 @@ def test_prepare_records_the_estimate_and_train_uses_the_auto_batch(tmp_path, mi
     data = write_jsonl(tmp_path / "d.jsonl", first_word_rows(60))
     spec = local_spec(micro_model, data, training={"batchSize": "auto", "effectiveBatchSize": 8, "maxSteps": 2},
                       resources={"gpuMemory": "1Gi"})  # fmt: skip
-    prepared = run(tmp_path, spec, "prepare")
+    prepared = run_stages(tmp_path, spec, "prepare")
     estimate = prepared["estimate"]
     assert estimate["fits"] is True and estimate["configSource"] == "config.json"
     assert estimate["microBatch"] * estimate["gradientAccumulationSteps"] == 8
     assert estimate["microBatch"] == 8  # the micro model fits 8 sequences in 1 GiB many times over
     assert (tmp_path / "work" / "reports" / "estimate.json").exists()
-    trained = run(tmp_path, spec, "train")
+    trained = run_stages(tmp_path, spec, "train")
     assert (trained["microBatch"], trained["gradientAccumulationSteps"]) == (8, 1)
 
 
@@ -61,12 +48,12 @@ def test_injected_out_of_memory_resumes_from_the_checkpoint_with_half_the_micro_
     training = {"maxSteps": 6, "batchSize": 4, "gradientAccumulationSteps": 2, "checkpointEverySteps": 2,
                 "learningRate": 0.01, "loggingSteps": 1}  # fmt: skip
     spec = local_spec(micro_model, data, method={"type": "full"}, training=training)
-    run(tmp_path / "plain", spec, "prepare")
+    run_stages(tmp_path / "plain", spec, "prepare")
     shutil.copytree(tmp_path / "plain", tmp_path / "oom")  # the same prepared data for both runs
-    baseline = run(tmp_path / "plain", spec, "train")
+    baseline = run_stages(tmp_path / "plain", spec, "train")
 
     monkeypatch.setenv("FINETUNE_INJECT_OOM_AT_STEP", "3")
-    recovered = run(tmp_path / "oom", spec, "train")
+    recovered = run_stages(tmp_path / "oom", spec, "train")
     assert recovered["steps"] == 6
     assert recovered["oomRecoveries"] == [{"atStep": 2, "microBatch": 2, "gradientAccumulationSteps": 4}]
     assert (recovered["microBatch"], recovered["gradientAccumulationSteps"]) == (2, 4)

@@ -53,20 +53,20 @@ def corpus_from_jsonl(path: Path) -> list[str]:
     return texts
 
 
-def _bpe_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def _byte_level(model):
+    """A tokenizers.Tokenizer over `model` that splits and decodes bytes the way GPT-2's does."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
 
-    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk"]))
+    tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _fast_tokenizer(tok):
+    """The transformers tokenizer over a tokenizers.Tokenizer, with this module's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=SPECIAL_TOKENS["bos"],
@@ -74,6 +74,20 @@ def _bpe_tokenizer(texts: list[str], vocab_size: int):
         pad_token=SPECIAL_TOKENS["pad"],
         unk_token=SPECIAL_TOKENS["unk"],
     )
+
+
+def _bpe_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = _byte_level(models.BPE(unk_token=SPECIAL_TOKENS["unk"]))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _fast_tokenizer(tok)
 
 
 def _char_tokenizer():
@@ -82,22 +96,13 @@ def _char_tokenizer():
     A BPE tokenizer trained on a small dataset turns most words into single tokens, which makes string tasks
     (spell, reverse, change case, count letters) unlearnable for a model that never saw those words' letters.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS.values(), *alphabet])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk"]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = _byte_level(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk"]))
     tok.add_special_tokens(list(SPECIAL_TOKENS.values()))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=SPECIAL_TOKENS["bos"],
-        eos_token=SPECIAL_TOKENS["eos"],
-        pad_token=SPECIAL_TOKENS["pad"],
-        unk_token=SPECIAL_TOKENS["unk"],
-    )
+    return _fast_tokenizer(tok)
 
 
 def _sentencepiece_tokenizer(texts: list[str], vocab_size: int, workdir: Path):
