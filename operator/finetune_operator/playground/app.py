@@ -4,7 +4,11 @@ Offline by construction: analytics and the version check are off (GRADIO_ANALYTI
 system fonts (the default one would make the browser fetch web fonts), no share link, no server-side rendering.
 """
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +25,7 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
 }
 LABELS = {"better": "Tuned is better", "worse": "Tuned is worse", "same": "About the same"}
+LOAD_WAIT_SECONDS = 900  # a comparison waits this long for the models to load, then says they are still loading
 SAMPLE_COLUMNS = ["prompt", "reference", "base", "tuned", "tuned = reference"]
 
 
@@ -28,6 +33,56 @@ def offline() -> None:
     """Set before gradio is imported: it reads these at import time."""
     for key, value in OFFLINE_ENV.items():
         os.environ[key] = value
+
+
+class _NoStubRegeneration(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Loads gradio.component_meta as usual, then makes its `create_or_modify_pyi` a no-op.
+
+    Gradio's component metaclass regenerates the .pyi stub of every component class on every `import gradio`
+    (reads the module's source, parses it, renders a template, compares it with the file on disk): an aid for
+    editors, about 40% of the import's CPU time on these cores, never used by a served app, and a write into
+    site-packages that a read-only image refuses."""
+
+    MODULE = "gradio.component_meta"
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != self.MODULE:
+            return None
+        sys.meta_path.remove(self)  # once: find the real spec with the finders after this one
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        self.loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        if callable(getattr(module, "create_or_modify_pyi", None)):
+            module.create_or_modify_pyi = lambda *args, **kwargs: None
+
+
+def lean_gradio_import() -> None:
+    """For the command's own process, before gradio is first imported: skip what a served app never uses.
+
+    - the components' .pyi stub regeneration (see _NoStubRegeneration);
+    - IPython, which Gradio imports (1-4 s on busy cores) only to offer notebook cell magics: a None in sys.modules
+      makes that optional import fail at once, as it does where IPython is not installed (never in a notebook)."""
+    if "gradio" in sys.modules:
+        return
+    if not any(isinstance(finder, _NoStubRegeneration) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoStubRegeneration())
+    sys.modules.setdefault("IPython", None)  # type: ignore[arg-type]
+
+
+def models_loading(engine: Engine) -> Iterator[str]:
+    """A progress line every half second while the models load (the page is served before they are)."""
+    started = time.monotonic()
+    while not engine.wait_loaded(0.5) and time.monotonic() - started < LOAD_WAIT_SECONDS:
+        yield f"loading the models… {time.monotonic() - started:.0f} s"
 
 
 def samples_rows(target: Target, only_differing: bool) -> list[list[Any]]:
@@ -148,6 +203,11 @@ def build_app(engine: Engine) -> Any:
             if not text.strip():
                 yield "", "", "Type a prompt first.", "", None
                 return
+            for waiting in models_loading(engine):
+                yield "", "", waiting, "", None
+            if engine.error or not engine.wait_loaded(0):
+                yield "", "", f"stopped: {engine.error or 'the models are still loading'}", "", None
+                return
             shown = engine.render(text)
             settings = {"maxNewTokens": int(tokens), "temperature": float(temp), "topP": float(p)}
             for answer in engine.stream(text, int(tokens), float(temp), float(p)):
@@ -222,12 +282,14 @@ def _patient_url_ok(url: str, timeout: float = 120) -> bool:
     return False
 
 
-def launch(engine: Engine, host: str, port: int, *, block: bool = True, on_ready: Any = None) -> Any:
-    """Serve the app; with block=False it returns (app, url) and the caller closes the app."""
+def launch(
+    engine: Engine, host: str, port: int, *, block: bool = True, on_ready: Any = None, on_loaded: Any = None
+) -> Any:
+    """Serve the app, then load the models in the background (`on_loaded(engine)` when that has ended); with
+    block=False it returns (app, url) and the caller closes the app."""
     import gradio.networking
 
-    app = build_app(engine)
-    app.queue(default_concurrency_limit=1)
+    app = build_app(engine)  # Gradio's queue runs one event per listener at a time (its default concurrency limit)
     gradio.networking.url_ok = _patient_url_ok
     _, url, _ = app.launch(
         server_name=host, server_port=port, share=False, ssr_mode=False, prevent_thread_lock=True,
@@ -235,6 +297,7 @@ def launch(engine: Engine, host: str, port: int, *, block: bool = True, on_ready
     )  # fmt: skip
     if on_ready is not None:
         on_ready(url)
+    engine.start_loading(on_loaded)
     if not block:
         return app, url
     try:
