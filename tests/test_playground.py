@@ -183,3 +183,25 @@ def test_a_model_that_cannot_be_loaded_is_reported_and_the_app_keeps_serving(run
         pass
     assert engine.wait_loaded(0) and engine.tuned is None
     assert engine.error.startswith(f"the tuned model (merged) {out / 'merged'}: "), engine.error
+
+
+def test_the_command_imports_gradio_without_stub_regeneration_or_ipython():
+    """What makes the page come up sooner must keep working across Gradio upgrades: in the command's process the
+    components' .pyi regeneration is a no-op and IPython is not imported; Gradio's components still build."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from finetune_operator.playground.app import lean_gradio_import, offline\n"
+        "offline(); lean_gradio_import()\n"
+        "import gradio as gr, gradio.component_meta as meta\n"
+        "assert meta.create_or_modify_pyi(gr.Textbox, 'Textbox', []) is None\n"
+        "assert meta.create_or_modify_pyi.__name__ == '<lambda>', meta.create_or_modify_pyi\n"
+        "assert sys.modules['IPython'] is None\n"
+        "with gr.Blocks() as app:\n"
+        "    gr.Textbox(label='x')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
