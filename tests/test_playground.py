@@ -187,7 +187,8 @@ def test_a_model_that_cannot_be_loaded_is_reported_and_the_app_keeps_serving(run
 
 def test_the_command_imports_gradio_without_stub_regeneration_or_ipython():
     """What makes the page come up sooner must keep working across Gradio upgrades: in the command's process the
-    components' .pyi regeneration is a no-op and IPython is not imported; Gradio's components still build."""
+    components' .pyi regeneration is a no-op, event docs are filled in without Jinja and IPython is not imported;
+    Gradio's components still build."""
     import subprocess
     import sys
 
@@ -199,6 +200,7 @@ def test_the_command_imports_gradio_without_stub_regeneration_or_ipython():
         "assert meta.create_or_modify_pyi(gr.Textbox, 'Textbox', []) is None\n"
         "assert meta.create_or_modify_pyi.__name__ == '<lambda>', meta.create_or_modify_pyi\n"
         "assert sys.modules['IPython'] is None\n"
+        "assert 'the Button is clicked' in gr.Button.click.__doc__, gr.Button.click.__doc__\n"
         "with gr.Blocks() as app:\n"
         "    gr.Textbox(label='x')\n"
         "print('ok')\n"
