@@ -54,7 +54,7 @@ def require_browser() -> None:
 class Playground:
     """`finetune-operator playground TARGET` as a child process in its own session."""
 
-    def __init__(self, target: Path, *args: str, timeout: float = 300) -> None:
+    def __init__(self, target: Path, *args: str, timeout: float = 300, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -67,8 +67,16 @@ class Playground:
         self.output: list[str] = []
         self.ready = threading.Event()
         self.serving = False
+        self.models_loaded = threading.Event()
+        self.loaded_after: float | None = None
+        """Seconds from the start until the process said both models are loaded."""
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+        if wait:
+            self.wait_serving(timeout)
+
+    def wait_serving(self, timeout: float = 300) -> None:
+        """Until the process says where it serves; stops it and fails with its output if it does not."""
         if not self.ready.wait(timeout) or not self.serving:
             self.stop()
             raise AssertionError(f"the playground did not start in {timeout} s:\n" + "".join(self.output[-40:]))
@@ -81,7 +89,11 @@ class Playground:
             if line.startswith("playground: http"):
                 self.serving = True
                 self.ready.set()
+            elif line.startswith(("loaded base", "error: the models could not be loaded")):
+                self.loaded_after = time.monotonic() - self.started
+                self.models_loaded.set()
         self.ready.set()  # the process ended: stop waiting
+        self.models_loaded.set()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -97,12 +109,47 @@ class Playground:
 
 
 @contextlib.contextmanager
-def playground(target: Path, *args: str) -> Iterator[Playground]:
-    server = Playground(target, *args)
+def playground(target: Path, *args: str, wait: bool = True) -> Iterator[Playground]:
+    server = Playground(target, *args, wait=wait)
     try:
         yield server
     finally:
         server.stop()
+
+
+class InProcessPlayground:
+    """The same app served from this process (what the CLI's `launch` does, without a new interpreter): for the
+    tests that vary the output, not the command; Gradio, torch and transformers are imported once."""
+
+    def __init__(self, target: Path) -> None:
+        from finetune_operator.playground.app import launch
+        from finetune_operator.playground.engine import Engine
+        from finetune_operator.playground.target import resolve
+
+        self.engine = Engine(resolve(target))
+        self.app, url = launch(self.engine, "127.0.0.1", free_port(), block=False)
+        self.url = url if url.endswith("/") else url + "/"
+
+    def stop(self) -> None:
+        self.app.close()
+        self.engine.wait_loaded(120)  # the loader thread ends before the next test loads its own models
+
+
+@contextlib.contextmanager
+def in_process_playground(target: Path) -> Iterator[InProcessPlayground]:
+    from finetune_operator.playground.app import OFFLINE_ENV
+
+    before = {key: os.environ.get(key) for key in OFFLINE_ENV}  # launch sets them for the playground process
+    server = InProcessPlayground(target)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager

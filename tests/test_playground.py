@@ -6,6 +6,7 @@ user can have: everything (the merged model is played), adapter only (base + PEF
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import yaml
 from finetune_operator.cli import main
 from finetune_operator.playground.target import FEEDBACK_FILE, TargetError, resolve
 
-from .browser import chromium, click, compare, playground, textarea, wait_for
+from .browser import chromium, click, compare, in_process_playground, playground, textarea, wait_for
 from .test_local_mode import make_job
 
 pytestmark = pytest.mark.slow
@@ -33,8 +34,8 @@ def run_output(tmp_path_factory) -> Path:
     manifest = make_job(
         tmp,
         method={"type": "lora", "lora": {"r": 16, "alpha": 32, "targetModules": ["c_attn", "c_proj", "c_fc"]}},
-        training={"maxSteps": 40, "learningRate": 0.01, "checkpointEverySteps": 40},
-        evaluation={"gates": [], "maxSamples": 8},
+        training={"maxSteps": 6, "learningRate": 0.01, "checkpointEverySteps": 6},  # tuned differs from base
+        evaluation={"gates": [], "maxSamples": 4},
         export={"formats": ["merged", "onnx", "adapter"]},
     )
     assert main(["run", str(manifest), "--init-model", "micro", "-q"]) == 0
@@ -53,6 +54,7 @@ def _only(run_output: Path, tmp: Path, keep: str) -> Path:
     return out
 
 
+@functools.cache  # one load per model and prompt for the module, not one per test
 def _expected(run_output: Path, prompt: str, which: str) -> str:
     """What the evaluate stage's own `generate` gives for this prompt with the serving-config settings."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,7 +76,7 @@ def test_resolve_reads_what_the_output_holds(run_output, tmp_path):
     assert target.base_path.name == "model" and target.run == 1 and target.job == "words"
     assert (target.base_path / "config.json").is_file()  # the run's sources.json names the base model
     assert target.generation.max_new_tokens == 4 and target.generation.source == "serving-config.pb"
-    assert len(target.samples()) == 8 and target.feedback_file == run_output / FEEDBACK_FILE
+    assert len(target.samples()) == 4 and target.feedback_file == run_output / FEEDBACK_FILE
     assert target.tuned_artifact()["sha256"] == next(a for a in target.status["artifacts"]
                                                      if a["name"] == "merged")["sha256"]  # fmt: skip
     assert resolve(run_output.parent / "job.yaml").artifacts == run_output  # the manifest leads to its output
@@ -98,32 +100,53 @@ def test_bad_targets_are_refused_with_the_fix(run_output, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tuned"]["kind"] == "merged"
 
 
-@pytest.mark.parametrize("keep", ["merged", "adapter", "onnx"])
-def test_browser_compares_streams_and_records_a_judgement(run_output, tmp_path, keep):
-    out = run_output if keep == "merged" else _only(run_output, tmp_path, keep)
+@pytest.fixture(scope="module")
+def driver():
+    """One headless Chromium for the module's browser tests (each opens its own playground's page)."""
+    with chromium() as browser:
+        yield browser
+
+
+def test_browser_compares_streams_and_records_a_judgement(run_output, driver):
+    """The command as a user runs it (a new process), over the output with everything: the merged model is played."""
+    with playground(run_output) as server:
+        _compare_and_judge(driver, server.url, run_output, run_output, "merged")
+        _samples_and_report(driver, run_output)
+        assert server.models_loaded.wait(60) and server.loaded_after is not None
+    lines = [line for line in server.output if line.startswith(("playground: http", "loaded base"))]
+    # The page is served first; the models load behind it (a Compare pressed early waits for them).
+    assert lines[0].startswith("playground: http") and lines[1].startswith("loaded base"), server.output
+
+
+@pytest.mark.parametrize("keep", ["adapter", "onnx"])
+def test_browser_over_an_adapter_only_and_an_onnx_only_output(run_output, tmp_path, driver, keep):
+    """The same app over the other exports (base + PEFT adapter, ONNX through onnxruntime), served in-process."""
+    out = _only(run_output, tmp_path, keep)
+    with in_process_playground(out) as server:
+        _compare_and_judge(driver, server.url, out, run_output, keep)
+        assert server.engine.error is None
+
+
+def _compare_and_judge(driver, url: str, out: Path, run_output: Path, keep: str) -> None:
     sample = resolve(out).samples()[0]
     prompt = sample["prompt"].rstrip("\n")  # "Give the first word.\n<three words>", as a person types it
-    with playground(out) as server, chromium() as driver:
-        driver.get(server.url)
-        wait_for(driver, lambda d: d.find_elements("id", "compare-button"), 60)
-        base, tuned, state = compare(driver, prompt)
-        assert state.startswith("done"), state
-        # Exactly what `generate` gives with the same settings (the evaluate stage's, one prompt at a time).
-        assert tuned == _expected(run_output, prompt, "tuned")
-        assert base == _expected(run_output, prompt, "base")
-        assert textarea(driver, "rendered-prompt") == prompt + "\n"  # the job's completion template
+    driver.get(url)
+    wait_for(driver, lambda d: d.find_elements("id", "compare-button"), 60)
+    base, tuned, state = compare(driver, prompt)
+    assert state.startswith("done"), state
+    # Exactly what `generate` gives with the same settings (the evaluate stage's, one prompt at a time).
+    assert tuned == _expected(run_output, prompt, "tuned")
+    assert base == _expected(run_output, prompt, "base")
+    assert textarea(driver, "rendered-prompt") == prompt + "\n"  # the job's completion template
 
-        click(driver, "label-better")
-        wait_for(driver, lambda d: "saved" in d.find_element("id", "feedback-state").text, 30)
-        lines = (out / FEEDBACK_FILE).read_text().splitlines()
-        record = json.loads(lines[-1])
-        assert len(lines) == 1 and record["label"] == "better"
-        assert (record["prompt"], record["base"], record["tuned"]) == (prompt, base, tuned)
-        assert record["tunedModel"]["kind"] == {"merged": "merged", "adapter": "adapter", "onnx": "onnx"}[keep]
-        assert record["generation"] == {"maxNewTokens": 4, "temperature": 0.0, "topP": 1.0}
-
-        if keep == "merged":
-            _samples_and_report(driver, out)
+    click(driver, "label-better")
+    wait_for(driver, lambda d: "saved" in d.find_element("id", "feedback-state").text, 30)
+    lines = (out / FEEDBACK_FILE).read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert len(lines) == 1 and record["label"] == "better"
+    assert (record["prompt"], record["base"], record["tuned"]) == (prompt, base, tuned)
+    assert record["tunedModel"]["kind"] == keep
+    assert record["generation"] == {"maxNewTokens": 4, "temperature": 0.0, "topP": 1.0}
 
 
 def _samples_and_report(driver, out: Path) -> None:
@@ -147,3 +170,40 @@ def _samples_and_report(driver, out: Path) -> None:
     merged = next(a for a in status["artifacts"] if a["name"] == "merged")
     assert "exactMatch" in report and "perplexity" in report and merged["sha256"] in report
     assert status["lineage"]["datasetFingerprint"] in report
+
+
+def test_a_model_that_cannot_be_loaded_is_reported_and_the_app_keeps_serving(run_output, tmp_path):
+    from finetune_operator.playground.app import models_loading
+    from finetune_operator.playground.engine import Engine
+
+    out = _only(run_output, tmp_path, "merged")
+    (out / "merged" / "model.safetensors").write_bytes(b"not a model")
+    engine = Engine(resolve(out))
+    for _ in models_loading(engine):  # what a Compare pressed while loading shows, until loading has ended
+        pass
+    assert engine.wait_loaded(0) and engine.tuned is None
+    assert engine.error.startswith(f"the tuned model (merged) {out / 'merged'}: "), engine.error
+
+
+def test_the_command_imports_gradio_without_stub_regeneration_or_ipython():
+    """What makes the page come up sooner must keep working across Gradio upgrades: in the command's process the
+    components' .pyi regeneration is a no-op, event docs are filled in without Jinja and IPython is not imported;
+    Gradio's components still build."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from finetune_operator.playground.app import lean_gradio_import, offline\n"
+        "offline(); lean_gradio_import()\n"
+        "import gradio as gr, gradio.component_meta as meta\n"
+        "assert meta.create_or_modify_pyi(gr.Textbox, 'Textbox', []) is None\n"
+        "assert meta.create_or_modify_pyi.__name__ == '<lambda>', meta.create_or_modify_pyi\n"
+        "assert sys.modules['IPython'] is None\n"
+        "assert 'the Button is clicked' in gr.Button.click.__doc__, gr.Button.click.__doc__\n"
+        "with gr.Blocks() as app:\n"
+        "    gr.Textbox(label='x')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

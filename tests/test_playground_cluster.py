@@ -165,26 +165,38 @@ def test_observe_reads_playground_readiness_from_its_pods():
     assert not observe(2, [], [pod]).playground_ready
 
 
-def test_playground_configmap_and_service_on_the_real_api_server(apiserver, namespace):
-    """The API server of ../shared/apiserver serves core and batch kinds only (no apps/v1): the ConfigMap and the
-    Service go through it for real; the Deployment is checked against the schema above."""
+def test_the_operator_creates_and_removes_the_playground_on_the_real_api_server(apiserver, namespace):
+    """What the operator does after export, against the API server of ../shared/apiserver: the controller's apply()
+    of the planner's decisions. That server serves core and batch kinds but no apps/v1, so the ConfigMap and the
+    Service are created for real and the Deployment, posted last, is refused there with a 404 (a real cluster takes
+    it; its manifest is checked against the schema above); the TTL's removal then deletes what exists."""
     from kubernetes import client
 
-    from finetune_operator.cluster.kube import KubeApi
+    from finetune_operator.cluster.context import OperatorSettings
+    from finetune_operator.cluster.kube import ApiCallError, KubeApi
+    from finetune_operator.controller import apply
 
     api = KubeApi(apiserver.api_client())
-    raw = {**MINIMAL_JOB, "metadata": {"name": "demo", "namespace": namespace, "uid": str(uuid.uuid4())},
-           "spec": {**MINIMAL_JOB["spec"], "playground": PLAYGROUND}}  # fmt: skip
-    job = FineTuneJob.model_validate(raw)
-    served = [o for o in build_playground(job) if o["kind"] != "Deployment"]
-    for obj in served:
-        assert api.create(obj) == "created"
-        assert api.create(obj) == "exists"  # ours, for this job and run: left alone
+    job = make_job(playground={"enabled": True, "ttlSecondsAfterFinished": 600})
+    job.metadata.update(namespace=namespace, uid=str(uuid.uuid4()))
+    result, seen = exported(job)
+    assert result.playground == "create"
+    with pytest.raises(ApiCallError) as refused:
+        apply(api, job, result, OperatorSettings())
+    assert refused.value.status == 404 and refused.value.action.startswith("create Deployment"), refused.value
     service = api.core.read_namespaced_service("demo-playground", namespace)
-    assert service.spec.ports[0].port == PORT and service.spec.selector["finetune.dev/stage"] == "playground"
+    assert service.spec.type == "ClusterIP" and service.spec.ports[0].port == PORT
+    assert service.spec.selector == {"finetune.dev/job": "demo", "finetune.dev/stage": "playground"}
+    assert service.metadata.owner_references[0].uid == job.metadata["uid"]
     config_map = api.core.read_namespaced_config_map("demo-playground", namespace)
-    assert "status.yaml" in config_map.data and config_map.metadata.owner_references[0].kind == "FineTuneJob"
-    api.delete_playground(namespace, "demo-playground")  # the Deployment's 404 is tolerated like any absent child
-    with pytest.raises(client.ApiException) as gone:
-        api.core.read_namespaced_service("demo-playground", namespace)
-    assert gone.value.status == 404
+    assert yaml.safe_load(config_map.data["status.yaml"])["run"] == 1 and "config.json" in config_map.data
+    # A second pass (the Deployment retried) leaves the two as they are: ours, same run, same spec.
+    assert [api.create(o) for o in build_playground(job) if o["kind"] != "Deployment"] == ["exists", "exists"]
+
+    later = step(job, dict(seen), now=T0 + dt.timedelta(seconds=601))
+    assert later.playground == "delete"
+    apply(api, job, later, OperatorSettings())  # the Deployment's 404 is tolerated like any absent child
+    for read in (api.core.read_namespaced_service, api.core.read_namespaced_config_map):
+        with pytest.raises(client.ApiException) as gone:
+            read("demo-playground", namespace)
+        assert gone.value.status == 404

@@ -257,9 +257,10 @@ def _cmd_playground(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps(target.describe(), indent=2))
         return 0
-    from .playground.app import offline
+    from .playground.app import lean_gradio_import, offline
 
     offline()
+    lean_gradio_import()
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -268,10 +269,16 @@ def _cmd_playground(args: argparse.Namespace) -> int:
     from .playground.app import launch
     from .playground.engine import Engine
 
-    engine = Engine(target)
-    print(f"loaded base {target.base_path} and tuned {target.tuned_kind} {target.tuned_path}", flush=True)
+    def loaded(engine: Engine) -> None:
+        if engine.error:
+            print(f"error: the models could not be loaded: {engine.error}", file=sys.stderr, flush=True)
+        else:
+            print(f"loaded base {target.base_path} and tuned {target.tuned_kind} {target.tuned_path} "
+                  f"in {engine.load_seconds:.1f} s", flush=True)  # fmt: skip
+
     try:
-        launch(engine, args.host, args.port, block=True, on_ready=lambda url: print(f"playground: {url}", flush=True))
+        launch(Engine(target), args.host, args.port, block=True, on_loaded=loaded,
+               on_ready=lambda url: print(f"playground: {url} (loading the models)", flush=True))  # fmt: skip
     except KeyboardInterrupt:
         return 0
     return 0

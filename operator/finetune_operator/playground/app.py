@@ -4,8 +4,14 @@ Offline by construction: analytics and the version check are off (GRADIO_ANALYTI
 system fonts (the default one would make the browser fetch web fonts), no share link, no server-side rendering.
 """
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +27,7 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
 }
 LABELS = {"better": "Tuned is better", "worse": "Tuned is worse", "same": "About the same"}
+LOAD_WAIT_SECONDS = 900  # a comparison waits this long for the models to load, then says they are still loading
 SAMPLE_COLUMNS = ["prompt", "reference", "base", "tuned", "tuned = reference"]
 
 
@@ -28,6 +35,84 @@ def offline() -> None:
     """Set before gradio is imported: it reads these at import time."""
     for key, value in OFFLINE_ENV.items():
         os.environ[key] = value
+
+
+def _no_stub_regeneration(module: Any) -> None:
+    """Gradio's component metaclass regenerates the .pyi stub of every component class on every `import gradio`
+    (reads the module's source, parses it, renders a template, compares it with the file on disk): an aid for
+    editors, about 40% of the import's CPU time on these cores, never used by a served app, and a write into
+    site-packages that a read-only image refuses."""
+    if callable(getattr(module, "create_or_modify_pyi", None)):
+        module.create_or_modify_pyi = lambda *args, **kwargs: None
+
+
+def _plain_event_docs(module: Any) -> None:
+    """Gradio compiles a Jinja template for each of ~200 event listeners' docstrings at import, only to put the
+    component's name in place of `{{ component }}` (their only placeholder): a plain replace gives the same text."""
+    listener = getattr(module, "EventListener", None)
+    if listener is None or not callable(getattr(listener, "set_doc", None)):
+        return
+
+    def set_doc(self: Any, component: str) -> None:
+        if self.listener.__doc__:
+            self.listener.__doc__ = self.listener.__doc__.replace("{{ component }}", component)
+
+    listener.set_doc = set_doc
+
+
+GRADIO_IMPORT_PATCHES = {"gradio.component_meta": _no_stub_regeneration, "gradio.events": _plain_event_docs}
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Loads each module of GRADIO_IMPORT_PATCHES as usual (with the finders after this one), then patches it."""
+
+    def __init__(self) -> None:
+        self.pending = dict(GRADIO_IMPORT_PATCHES)
+        self.loaders: dict[str, importlib.abc.Loader] = {}
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    self.loaders[name] = spec.loader
+                    spec.loader = self
+                return spec
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return self.loaders[spec.name].create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        name = module.__spec__.name
+        self.loaders.pop(name).exec_module(module)  # type: ignore[attr-defined]
+        self.pending.pop(name)(module)
+        if not self.pending and self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+
+def lean_gradio_import() -> None:
+    """For the command's own process, before gradio is first imported: skip what a served app never uses.
+
+    - the components' .pyi stub regeneration and the Jinja rendering of event docstrings (GRADIO_IMPORT_PATCHES);
+    - IPython, which Gradio imports (1-4 s on busy cores) only to offer notebook cell magics: a None in sys.modules
+      makes that optional import fail at once, as it does where IPython is not installed (never in a notebook)."""
+    if "gradio" in sys.modules:
+        return
+    if not any(isinstance(finder, _PatchAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport())
+    sys.modules.setdefault("IPython", None)  # type: ignore[arg-type]
+
+
+def models_loading(engine: Engine) -> Iterator[str]:
+    """A progress line every half second while the models load (the page is served before they are)."""
+    started = time.monotonic()
+    while not engine.wait_loaded(0.5) and time.monotonic() - started < LOAD_WAIT_SECONDS:
+        yield f"loading the models… {time.monotonic() - started:.0f} s"
 
 
 def samples_rows(target: Target, only_differing: bool) -> list[list[Any]]:
@@ -148,6 +233,11 @@ def build_app(engine: Engine) -> Any:
             if not text.strip():
                 yield "", "", "Type a prompt first.", "", None
                 return
+            for waiting in models_loading(engine):
+                yield "", "", waiting, "", None
+            if engine.error or not engine.wait_loaded(0):
+                yield "", "", f"stopped: {engine.error or 'the models are still loading'}", "", None
+                return
             shown = engine.render(text)
             settings = {"maxNewTokens": int(tokens), "temperature": float(temp), "topP": float(p)}
             for answer in engine.stream(text, int(tokens), float(temp), float(p)):
@@ -208,26 +298,31 @@ def theme() -> Any:
 
 def _patient_url_ok(url: str, timeout: float = 120) -> bool:
     """Gradio checks that its own page answers, but gives up at the first 3-second timeout, which a busy CPU or a
-    cold pod exceeds; this waits up to `timeout` seconds."""
-    import httpx
-
+    cold pod exceeds; this waits up to `timeout` seconds. Plain HTTP on loopback through urllib: an httpx client
+    per try would load the CA bundle into a new SSL context each time (~0.1 s of CPU)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.head(url, timeout=10).status_code in (200, 302, 303, 307, 401):
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10) as reply:
+                if reply.status in (200, 302, 303, 307):
+                    return True
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:  # served, behind a login
                 return True
-        except httpx.HTTPError:
+        except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     return False
 
 
-def launch(engine: Engine, host: str, port: int, *, block: bool = True, on_ready: Any = None) -> Any:
-    """Serve the app; with block=False it returns (app, url) and the caller closes the app."""
+def launch(
+    engine: Engine, host: str, port: int, *, block: bool = True, on_ready: Any = None, on_loaded: Any = None
+) -> Any:
+    """Serve the app, then load the models in the background (`on_loaded(engine)` when that has ended); with
+    block=False it returns (app, url) and the caller closes the app."""
     import gradio.networking
 
-    app = build_app(engine)
-    app.queue(default_concurrency_limit=1)
+    app = build_app(engine)  # Gradio's queue runs one event per listener at a time (its default concurrency limit)
     gradio.networking.url_ok = _patient_url_ok
     _, url, _ = app.launch(
         server_name=host, server_port=port, share=False, ssr_mode=False, prevent_thread_lock=True,
@@ -235,6 +330,7 @@ def launch(engine: Engine, host: str, port: int, *, block: bool = True, on_ready
     )  # fmt: skip
     if on_ready is not None:
         on_ready(url)
+    engine.start_loading(on_loaded)
     if not block:
         return app, url
     try:

@@ -8,12 +8,13 @@ for an eval prompt is what the metrics were computed from.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,22 +65,80 @@ def _onnx_model(path: str) -> Any:
     return ORTModelForCausalLM.from_pretrained(path, provider=provider, use_cache=True, local_files_only=True)
 
 
+class LoadError(RuntimeError):
+    """A model or tokenizer of the target could not be loaded; the message names which one and where."""
+
+
+@contextlib.contextmanager
+def _naming(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        raise LoadError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
 class Engine:
-    """The tokenizer and the two models of a Target, loaded once."""
+    """The tokenizer and the two models of a Target, loaded once, in the background.
+
+    Importing torch and transformers and loading both models is most of a start; the app serves its page (and the
+    Samples and Report tabs, which need no model) first, and a comparison asked for before the models are there
+    waits for them (`wait_loaded`).
+    """
 
     def __init__(self, target: Target) -> None:
+        self.target = target
+        self.tokenizer: Any = None
+        self.base: Any = None
+        self.tuned: Any = None
+        self.error: str | None = None
+        """Why the models could not be loaded (shown on the page and printed), once loading has ended."""
+        self.load_seconds: float | None = None
+        self._loaded = threading.Event()
+        self._loader: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.lock = threading.Lock()  # one comparison at a time: two models already share the cores
+
+    def load(self) -> None:
+        """Load the tokenizer and both models in this thread."""
         from transformers import AutoTokenizer
 
-        self.target = target
-        self.tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer_path), local_files_only=True)
-        self.base = _torch_model(str(target.base_path))
-        if target.tuned_kind == "onnx":
-            self.tuned = _onnx_model(str(target.tuned_path))
-        elif target.tuned_kind == "adapter":
-            self.tuned = _torch_model(str(target.base_path), adapter=str(target.tuned_path))
-        else:
-            self.tuned = _torch_model(str(target.tuned_path))
-        self.lock = threading.Lock()  # one comparison at a time: two models already share the cores
+        target = self.target
+        with _naming(f"the tokenizer {target.tokenizer_path}"):
+            self.tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer_path), local_files_only=True)
+        with _naming(f"the base model {target.base_path}"):
+            self.base = _torch_model(str(target.base_path))
+        with _naming(f"the tuned model ({target.tuned_kind}) {target.tuned_path}"):
+            if target.tuned_kind == "onnx":
+                self.tuned = _onnx_model(str(target.tuned_path))
+            elif target.tuned_kind == "adapter":
+                self.tuned = _torch_model(str(target.base_path), adapter=str(target.tuned_path))
+            else:
+                self.tuned = _torch_model(str(target.tuned_path))
+
+    def start_loading(self, on_done: Callable[[Engine], None] | None = None) -> None:
+        """Load in a background thread (once); `on_done(engine)` runs when it has ended, loaded or failed."""
+        with self._start_lock:
+            if self._loader is None:
+                self._loader = threading.Thread(target=self._load, args=(on_done,), name="load-models", daemon=True)
+                self._loader.start()
+
+    def _load(self, on_done: Callable[[Engine], None] | None) -> None:
+        started = time.monotonic()
+        try:
+            self.load()
+        except LoadError as exc:  # a broken artifact is reported on the page; the app keeps serving
+            self.error = str(exc)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        self.load_seconds = time.monotonic() - started
+        self._loaded.set()
+        if on_done is not None:
+            on_done(self)
+
+    def wait_loaded(self, timeout: float) -> bool:
+        """True once loading has ended (check `error`), False if it is still going after `timeout` seconds."""
+        self.start_loading()
+        return self._loaded.wait(timeout)
 
     def render(self, prompt: str) -> str:
         """What the models are given: the job's prompt template (the chat template for chat jobs)."""
