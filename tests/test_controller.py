@@ -94,8 +94,8 @@ def test_the_poll_visits_never_reconciled_and_due_jobs_not_recently_reconciled_o
         ("ml", "ttl-due"): {"status": {"phase": "Succeeded"}},
         ("ml", "ttl-later"): {"status": {"phase": "Failed"}},
     })  # fmt: skip
-    memo.state.due.update({("ml", "training"): now + 5, ("ml", "training-resync-due"): now - 1,
-                           ("ml", "ttl-due"): now - 1, ("ml", "ttl-later"): now + 60})  # fmt: skip
+    memo.state.due.update({("ml", "training"): now + 5, ("ml", "ttl-due"): now - 1, ("ml", "ttl-later"): now + 60})
+    memo.state.resync.update({("ml", "training"): now + 20, ("ml", "training-resync-due"): now - 1})
     memo.state.failures[("ml", "failing")] = Failure(count=2)  # its retry timer brings it back
     keys = [*memo.written, ("ml", "first-reconcile-failed"), ("ml", "failing")]
     visited = {k[1] for k in keys if controller._wants_visit(memo, k, now)}
@@ -103,16 +103,19 @@ def test_the_poll_visits_never_reconciled_and_due_jobs_not_recently_reconciled_o
 
 
 def test_a_plan_sets_the_next_visit_an_active_job_within_the_resync_a_finished_one_only_when_asked(memo):
-    def due_in(phase: str, requeue_after: float | None) -> float | None:
+    def visits(phase: str, requeue_after: float | None) -> tuple[float | None, float | None]:
         result = Plan(status=FineTuneJobStatus(phase=phase), requeue_after=requeue_after)
         controller._next_visit(memo.state, KEY, result)
-        due = memo.state.due.get(KEY)
-        return None if due is None else due - time.monotonic()
+        due, resync = memo.state.due.get(KEY), memo.state.resync.get(KEY)
+        now = time.monotonic()
+        return (None if due is None else due - now), (None if resync is None else resync - now)
 
-    assert due_in("Training", 2) == pytest.approx(2, abs=0.5)  # results still coming, a deadline
-    assert 0.7 * controller.RESYNC_SECONDS < due_in("Training", None) < 1.3 * controller.RESYNC_SECONDS
-    assert due_in("Succeeded", 600) == pytest.approx(600, abs=0.5)  # the TTL
-    assert due_in("Failed", None) is None
+    due, resync = visits("Training", 2)  # results still coming, a deadline
+    assert due == pytest.approx(2, abs=0.5)
+    assert 0.7 * controller.RESYNC_SECONDS < resync < 1.3 * controller.RESYNC_SECONDS
+    assert visits("Training", None)[0] is None
+    assert visits("Succeeded", 600) == (pytest.approx(600, abs=0.5), None)  # the TTL
+    assert visits("Failed", None) == (None, None)
 
 
 @pytest.mark.asyncio
@@ -135,7 +138,10 @@ async def test_a_pass_with_the_inputs_of_a_quiet_one_is_not_planned_again_until_
     memo.indexes["finetunejobs"][KEY] = [{**body, "metadata": {**body["metadata"], "resourceVersion": "8"}}]
     await controller.reconcile(KEY, memo, {})
     assert planned == [1] and memo.metrics.reconcile_skipped._value.get() == 1
-    memo.state.due[KEY] = time.monotonic() - 1  # a deadline, a resync: the clock's part of the plan
+    memo.state.resync[KEY] = time.monotonic() - 1  # a resync that finds the index as it was: nothing to catch up
+    await controller.reconcile(KEY, memo, {})
+    assert planned == [1] and memo.state.resync[KEY] > time.monotonic()
+    memo.state.due[KEY] = time.monotonic() - 1  # a deadline, a TTL: the clock's part of the plan
     await controller.reconcile(KEY, memo, {})
     assert planned == [1, 1]
     edited = {**body, "spec": {**body["spec"], "training": {"epochs": 2}}}

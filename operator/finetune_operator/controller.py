@@ -57,6 +57,9 @@ LOG_THREADS = 4
 """Worker threads for train log reads, apart from the API_THREADS: with a hundred jobs training, reads that each
 wait up to their timeout filled the shared pool and every hand-off queued behind them. Reads beyond these wait
 their turn (progress comes later; nothing else does)."""
+EVENT_THREADS = 4
+"""Worker threads for posting Events, apart from the API_THREADS: Events are 40% of the operator's calls, and in a
+burst of hand-offs the next stage's Jobs must not wait behind the last stage's Events."""
 Key = tuple[str, str]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -76,13 +79,17 @@ class State:
     api: KubeApi
     executor: concurrent.futures.ThreadPoolExecutor
     log_executor: concurrent.futures.ThreadPoolExecutor | None = None
+    event_executor: concurrent.futures.ThreadPoolExecutor | None = None
     running: set[Key] = field(default_factory=set)
     again: set[Key] = field(default_factory=set)
     failures: dict[Key, Failure] = field(default_factory=dict)
     retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
     due: dict[Key, float] = field(default_factory=dict)
-    """Monotonic time a job wants its next visit: the plan's requeue_after (TTL, deadline, results coming), for an
-    active job at most the resync interval."""
+    """Monotonic time a job wants its next visit: the plan's requeue_after (TTL, deadline, results coming)."""
+    resync: dict[Key, float] = field(default_factory=dict)
+    """Monotonic time an active job is looked at again though nothing asked for it (a lost watch event)."""
+    posting: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    """The Events of a job's last pass, being posted: the next pass's Events go after them, in order."""
     gone: set[str] = field(default_factory=set)
     """uids of FineTuneJobs seen deleted: nothing is created for them any more."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -99,6 +106,10 @@ class State:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def post(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.event_executor or self.executor, functools.partial(fn, *args))
 
     async def read_log(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -130,6 +141,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         api=memo.api,
         executor=concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube"),
         log_executor=concurrent.futures.ThreadPoolExecutor(LOG_THREADS, thread_name_prefix="kube-log"),
+        event_executor=concurrent.futures.ThreadPoolExecutor(EVENT_THREADS, thread_name_prefix="kube-event"),
     )
     port = memo.get("metrics_port")
     memo.stop_metrics = memo.metrics.serve(port) if port else None
@@ -194,8 +206,9 @@ async def stop_polling(memo: kopf.Memo, **_: Any) -> None:
         for task in [*state.retries.values(), *state.tasks]:
             task.cancel()
         state.executor.shutdown(wait=False, cancel_futures=True)
-        if state.log_executor:
-            state.log_executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (state.log_executor, state.event_executor):
+            if executor:
+                executor.shutdown(wait=False, cancel_futures=True)
     if memo.get("stop_metrics"):
         await asyncio.to_thread(memo.stop_metrics)
 
@@ -259,6 +272,7 @@ def forget(memo: kopf.Memo, key: Key, uid: str | None) -> None:
     memo.written.pop(key, None)
     state.failures.pop(key, None)
     state.due.pop(key, None)
+    state.resync.pop(key, None)
     state.logs.pop(key, None)
     state.log_pods.pop(key, None)
     state.read_at.pop(key, None)
@@ -275,19 +289,24 @@ def _wants_visit(memo: kopf.Memo, key: Key, now: float) -> bool:
         return False
     if memo.written.get(key) is None:
         return True  # e.g. its first reconcile failed before anything was written
-    return key in state.due and state.due[key] <= now
+    return state.due.get(key, float("inf")) <= now or state.resync.get(key, float("inf")) <= now
 
 
 def _next_visit(state: State, key: Key, result: Plan) -> None:
     """When the poll comes back to a job no event wakes: what its plan asked for, an active one by the resync."""
-    wait = result.requeue_after
-    if result.status.phase not in FINISHED_PHASES:
-        resync = RESYNC_SECONDS * random.uniform(0.8, 1.2)  # jobs created together do not resync together
-        wait = resync if wait is None else min(wait, resync)
-    if wait is None:
+    if result.requeue_after is None:
         state.due.pop(key, None)
     else:
-        state.due[key] = time.monotonic() + wait
+        state.due[key] = time.monotonic() + result.requeue_after
+    if result.status.phase in FINISHED_PHASES:
+        state.resync.pop(key, None)
+    else:
+        _resync_later(state, key)
+
+
+def _resync_later(state: State, key: Key) -> None:
+    # Jittered: jobs created together do not resync together.
+    state.resync[key] = time.monotonic() + RESYNC_SECONDS * random.uniform(0.8, 1.2)
 
 
 async def _poll(memo: kopf.Memo) -> None:
@@ -513,9 +532,14 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
     logs = _train_log(key, memo, job, pods)
     observed = observe(job.status.run, jobs, pods, logs)
     inputs = _inputs(body, observed)
-    if state.quiet.get(key) == inputs and state.due.get(key, float("inf")) > time.monotonic():
+    now = time.monotonic()
+    if state.quiet.get(key) == inputs and state.due.get(key, float("inf")) > now:
+        # Planned before with these inputs, nothing to do, and the plan asked for no visit by now: a resync that
+        # finds the index as it was has nothing to catch up on.
         memo.metrics.reconcile_skipped.inc()
-        return  # planned before with these inputs: nothing to do, and nothing is due
+        if state.resync.get(key, float("inf")) <= now:
+            _resync_later(state, key)
+        return
     state.quiet.pop(key, None)
     result = plan(job, observed, dt.datetime.now(dt.UTC))
     if result.start and await state.call(_started_but_unseen, api, job, result.start):
@@ -542,7 +566,35 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
     if unchanged and not _acts(result) and not result.events:
         state.quiet[key] = inputs
     # After the status write, not before: an operator killed in between loses an Event, it never repeats one.
-    await _post_events(memo, body, [(e.type, e.reason, e.message) for e in result.events])
+    _queue_events(memo, key, body, [(e.type, e.reason, e.message) for e in result.events])
+
+
+def _queue_events(memo: kopf.Memo, key: Key, body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
+    """Post a pass's Events beside the job's next passes (its next hand-off never waits for them), after the
+    Events of its earlier passes."""
+    if not events:
+        return
+    state: State = memo.state
+    previous = state.posting.get(key)
+
+    async def post_in_order() -> None:
+        if previous is not None:
+            await asyncio.wait({previous})
+        try:
+            await _post_events(memo, body, events)
+        except Exception as exc:  # a task's exception would only be logged at exit
+            log.warning("cannot post Events for %s/%s: %s", *key, exc)
+
+    task = asyncio.get_running_loop().create_task(post_in_order(), context=contextvars.copy_context())
+    state.posting[key] = task
+    state.tasks.add(task)
+
+    def done(finished: asyncio.Task[None]) -> None:
+        state.tasks.discard(finished)
+        if state.posting.get(key) is finished:
+            del state.posting[key]
+
+    task.add_done_callback(done)
 
 
 async def _post_events(memo: kopf.Memo, body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
@@ -551,7 +603,7 @@ async def _post_events(memo: kopf.Memo, body: dict[str, Any], events: list[tuple
     that records the transition is written: the reconcile is done)."""
     for type_, reason, message in events:
         try:
-            await memo.state.call(memo.api.post_event, body, type_, reason, message)
+            await memo.state.post(memo.api.post_event, body, type_, reason, message)
         except ApiCallError as exc:
             log.warning("%s", exc)
 
@@ -605,6 +657,7 @@ async def _refuse(api: KubeApi, key: Key, body: dict[str, Any], memo: kopf.Memo,
         await _post_events(memo, body, [("Warning", "InvalidSpec", message)])
     memo.written[key] = {"uid": (body.get("metadata") or {}).get("uid"), "status": status}
     memo.state.due.pop(key, None)  # nothing to revisit until the spec is edited (an event)
+    memo.state.resync.pop(key, None)
 
 
 def _valid_status(body: dict[str, Any]) -> bool:
