@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import itertools
 import time
 from typing import Any
@@ -14,9 +15,13 @@ import kopf
 import pytest
 
 from finetune_operator import controller
+from finetune_operator.api.status import FineTuneJobStatus
 from finetune_operator.cluster.kube import ApiCallError, KubeApi
 from finetune_operator.cluster.telemetry import OperatorMetrics
 from finetune_operator.controller import Failure, State
+from finetune_operator.planner import Plan
+
+from .conftest import MINIMAL_JOB
 
 KEY = ("ml", "demo")
 
@@ -80,20 +85,71 @@ async def test_a_failed_reconcile_is_retried_with_backoff_shown_once_and_forgott
     assert memo.metrics.reconcile_errors._value.get() == 4
 
 
-def test_the_poll_visits_active_never_reconciled_and_due_jobs_not_finished_or_failing_ones(memo):
+def test_the_poll_visits_never_reconciled_and_due_jobs_not_recently_reconciled_or_failing_ones(memo):
     now = time.monotonic()
     memo.written.update({
         ("ml", "training"): {"status": {"phase": "Training"}},
-        ("ml", "pending"): {"status": {"phase": "Pending"}},
+        ("ml", "training-resync-due"): {"status": {"phase": "Training"}},
         ("ml", "done"): {"status": {"phase": "Succeeded"}},
         ("ml", "ttl-due"): {"status": {"phase": "Succeeded"}},
         ("ml", "ttl-later"): {"status": {"phase": "Failed"}},
     })  # fmt: skip
-    memo.state.due.update({("ml", "ttl-due"): now - 1, ("ml", "ttl-later"): now + 60})
+    memo.state.due.update({("ml", "training"): now + 5, ("ml", "ttl-due"): now - 1, ("ml", "ttl-later"): now + 60})
+    memo.state.resync.update({("ml", "training"): now + 20, ("ml", "training-resync-due"): now - 1})
     memo.state.failures[("ml", "failing")] = Failure(count=2)  # its retry timer brings it back
     keys = [*memo.written, ("ml", "first-reconcile-failed"), ("ml", "failing")]
     visited = {k[1] for k in keys if controller._wants_visit(memo, k, now)}
-    assert visited == {"training", "pending", "ttl-due", "first-reconcile-failed"}
+    assert visited == {"training-resync-due", "ttl-due", "first-reconcile-failed"}
+
+
+def test_a_plan_sets_the_next_visit_an_active_job_within_the_resync_a_finished_one_only_when_asked(memo):
+    def visits(phase: str, requeue_after: float | None) -> tuple[float | None, float | None]:
+        result = Plan(status=FineTuneJobStatus(phase=phase), requeue_after=requeue_after)
+        controller._next_visit(memo.state, KEY, result)
+        due, resync = memo.state.due.get(KEY), memo.state.resync.get(KEY)
+        now = time.monotonic()
+        return (None if due is None else due - now), (None if resync is None else resync - now)
+
+    due, resync = visits("Training", 2)  # results still coming, a deadline
+    assert due == pytest.approx(2, abs=0.5)
+    assert 0.7 * controller.RESYNC_SECONDS < resync < 1.3 * controller.RESYNC_SECONDS
+    assert visits("Training", None)[0] is None
+    assert visits("Succeeded", 600) == (pytest.approx(600, abs=0.5), None)  # the TTL
+    assert visits("Failed", None) == (None, None)
+
+
+@pytest.mark.asyncio
+async def test_a_pass_with_the_inputs_of_a_quiet_one_is_not_planned_again_until_something_changes_or_is_due(
+    memo, monkeypatch
+):
+    status = FineTuneJobStatus(phase="Training", run=1).wire()
+    body = {**copy.deepcopy(MINIMAL_JOB), "status": status}
+    body["metadata"].update(uid="u1", generation=1, resourceVersion="7")
+    memo.indexes["finetunejobs"][KEY] = [body]
+    planned: list[int] = []
+
+    def nothing_to_do(job: Any, observed: Any, now: Any) -> Plan:
+        planned.append(job.generation)
+        return Plan(status=FineTuneJobStatus.model_validate(status))
+
+    monkeypatch.setattr(controller, "plan", nothing_to_do)
+    await controller.reconcile(KEY, memo, {})
+    # The echo of a write (a new resourceVersion), a pod event that changes nothing the planner reads:
+    memo.indexes["finetunejobs"][KEY] = [{**body, "metadata": {**body["metadata"], "resourceVersion": "8"}}]
+    await controller.reconcile(KEY, memo, {})
+    assert planned == [1] and memo.metrics.reconcile_skipped._value.get() == 1
+    memo.state.resync[KEY] = time.monotonic() - 1  # a resync that finds the index as it was: nothing to catch up
+    await controller.reconcile(KEY, memo, {})
+    assert planned == [1] and memo.state.resync[KEY] > time.monotonic()
+    memo.state.due[KEY] = time.monotonic() - 1  # a deadline, a TTL: the clock's part of the plan
+    await controller.reconcile(KEY, memo, {})
+    assert planned == [1, 1]
+    edited = {**body, "spec": {**body["spec"], "training": {"epochs": 2}}}
+    edited["metadata"] = {**body["metadata"], "generation": 2}
+    memo.indexes["finetunejobs"][KEY] = [edited]
+    await controller.reconcile(KEY, memo, {})
+    assert planned == [1, 1, 2]
+    assert not memo.api.api_client.rest_client.pool_manager.pools  # nothing to do: no API call was made
 
 
 def test_a_status_that_differs_only_in_progress_updated_at_is_not_written_again():

@@ -191,6 +191,13 @@ def test_active_deadline_fails_the_run():
     assert next(c for c in result.status.conditions if c.type == "Ready").reason == "DeadlineExceeded"
 
 
+def test_a_running_job_with_a_deadline_asks_for_a_visit_when_it_passes():
+    job = make_job(runPolicy={"activeDeadlineSeconds": 60})
+    step(job)  # no event marks the deadline: the operator must come back by itself
+    assert step(job, {"prepare": RUNNING}, now=T0 + dt.timedelta(seconds=45)).requeue_after == pytest.approx(15)
+    assert step(make_job(), {"prepare": RUNNING}).requeue_after is None
+
+
 def test_ttl_after_finished_cleans_up_once_due():
     job = make_job(runPolicy={"ttlSecondsAfterFinished": 600}, evaluation={"enabled": False})
     seen = {s: done(s) for s in ("prepare", "train", "export")}

@@ -3,8 +3,11 @@
 Event-driven, without kopf daemons or timers (those put a finalizer on every object): any change of a
 FineTuneJob, or of one of its stage Jobs or pods, reconciles that FineTuneJob at once, so a stage starts within a
 second of the previous Job completing. Events that arrive while a job is being reconciled are folded into one more
-pass, not queued one by one. One background loop revisits, concurrently, what has no event: training progress from
-the log tail, the active deadline, the TTL after finishing, and jobs whose last reconcile failed.
+pass, not queued one by one. One background loop reads the running train pods' log tails (a new tail reconciles
+its job) and revisits, concurrently, only the jobs whose plan asked for a visit (`requeue_after`: the active
+deadline, the TTL after finishing, a stage's results still coming) or whose last visit is older than the resync
+interval (a safety net for a lost watch event). Visiting every active job on every tick made the poll the
+operator's main work at a few hundred jobs and delayed the event-driven hand-offs behind it.
 
 kopf logs and drops an exception from an `on.event` handler; so no handler lets one escape: a failed reconcile
 is retried here with backoff, and after a few failures the job shows the API error (condition `Synced` False and a
@@ -31,23 +34,32 @@ from pydantic import ValidationError
 
 from .api.base import GROUP, PLURAL, VERSION
 from .api.job import FineTuneJob
-from .api.status import ACTIVE_PHASES, FINISHED_PHASES, FineTuneJobStatus
+from .api.status import FINISHED_PHASES, FineTuneJobStatus
 from .cluster.build import build_stage
 from .cluster.context import BuildContext, OperatorSettings, child_name
 from .cluster.kube import ApiCallError, KubeApi, KubeConfigError, KubeSource, check_reachable, load_configuration
 from .cluster.observe import observe
 from .cluster.plugins.storage import workspace_claim, workspace_pvc
 from .cluster.telemetry import OperatorMetrics
-from .planner import Plan, plan, report_api_error
+from .planner import Observed, Plan, plan, report_api_error
 
 LABEL = "finetune.dev/job"
 POLL_SECONDS = float(os.environ.get("FINETUNE_POLL_SECONDS", "5"))
+RESYNC_SECONDS = 12 * POLL_SECONDS
+"""An active job with no event and no requested visit is still reconciled this often (jittered)."""
 REPORT_AFTER = 3
 """Failed reconciles in a row (each after its own API retries) before the job shows the error."""
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 60.0
 API_THREADS = 16
 """Worker threads for the blocking client: enough that slow calls of some jobs do not queue the others'."""
+LOG_THREADS = 4
+"""Worker threads for train log reads, apart from the API_THREADS: with a hundred jobs training, reads that each
+wait up to their timeout filled the shared pool and every hand-off queued behind them. Reads beyond these wait
+their turn (progress comes later; nothing else does)."""
+EVENT_THREADS = 4
+"""Worker threads for posting Events, apart from the API_THREADS: Events are 40% of the operator's calls, and in a
+burst of hand-offs the next stage's Jobs must not wait behind the last stage's Events."""
 Key = tuple[str, str]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -66,30 +78,49 @@ class State:
 
     api: KubeApi
     executor: concurrent.futures.ThreadPoolExecutor
+    log_executor: concurrent.futures.ThreadPoolExecutor | None = None
+    event_executor: concurrent.futures.ThreadPoolExecutor | None = None
     running: set[Key] = field(default_factory=set)
     again: set[Key] = field(default_factory=set)
     failures: dict[Key, Failure] = field(default_factory=dict)
     retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
     due: dict[Key, float] = field(default_factory=dict)
-    """Monotonic time a finished job wants its next visit (its TTL), from the plan's requeue_after."""
+    """Monotonic time a job wants its next visit: the plan's requeue_after (TTL, deadline, results coming)."""
+    resync: dict[Key, float] = field(default_factory=dict)
+    """Monotonic time an active job is looked at again though nothing asked for it (a lost watch event)."""
+    posting: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    """The Events of a job's last pass, being posted: the next pass's Events go after them, in order."""
     gone: set[str] = field(default_factory=set)
     """uids of FineTuneJobs seen deleted: nothing is created for them any more."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     logs: dict[Key, tuple[str, str]] = field(default_factory=dict)
     """The last train log tail read per job: (pod, tail). Reads run beside reconciles, never inside them."""
+    log_pods: dict[Key, tuple[str, str]] = field(default_factory=dict)
+    """The running train pod per job, (namespace, pod): the poll reads its log tail every POLL_SECONDS."""
     reading: set[Key] = field(default_factory=set)
     read_at: dict[Key, float] = field(default_factory=dict)
+    quiet: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
+    """Per job, the inputs of its last pass that found nothing to do: the same inputs again (a pod turning Running,
+    the echo of our own status write) need no planning until the job is due."""
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def post(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.event_executor or self.executor, functools.partial(fn, *args))
+
+    async def read_log(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.log_executor or self.executor, functools.partial(fn, *args))
 
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Keep kopf's own bookkeeping out of .status, which is the operator's contract with users.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.finetune.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.finetune.dev")
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330  # a watch that went silent is reopened, not waited on forever
@@ -107,11 +138,29 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.indexes = {}
     memo.metrics = memo.get("metrics") or OperatorMetrics(phases=lambda: _phases(memo))
     memo.state = State(
-        api=memo.api, executor=concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube")
+        api=memo.api,
+        executor=concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube"),
+        log_executor=concurrent.futures.ThreadPoolExecutor(LOG_THREADS, thread_name_prefix="kube-log"),
+        event_executor=concurrent.futures.ThreadPoolExecutor(EVENT_THREADS, thread_name_prefix="kube-event"),
     )
     port = memo.get("metrics_port")
     memo.stop_metrics = memo.metrics.serve(port) if port else None
     memo.poller = asyncio.create_task(_poll(memo))
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: kopf builds one (a deep copy of the body) on every watch event for on.create/on.update
+    handlers, and stores it in an annotation after them. This operator has none (only on.event and indexes): at a
+    few hundred jobs that copy was an eighth of the operator's CPU, for nothing."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 @kopf.on.login()
@@ -157,23 +206,43 @@ async def stop_polling(memo: kopf.Memo, **_: Any) -> None:
         for task in [*state.retries.values(), *state.tasks]:
             task.cancel()
         state.executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (state.log_executor, state.event_executor):
+            if executor:
+                executor.shutdown(wait=False, cancel_futures=True)
     if memo.get("stop_metrics"):
         await asyncio.to_thread(memo.stop_metrics)
 
 
+# The indexes hold what the planner reads, not whole objects: a stage Job's pod template and a pod's spec are most
+# of their size, and the operator keeps every Job and pod of every job in memory.
+JOB_SPEC_FIELDS = ("suspend", "completions", "parallelism", "completionMode")
+UNREAD_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+def _metadata(body: kopf.Body) -> dict[str, Any]:
+    meta = {k: v for k, v in body.get("metadata", {}).items() if k != "managedFields"}
+    annotations = meta.get("annotations")
+    if annotations and any(a in annotations for a in UNREAD_ANNOTATIONS):
+        meta["annotations"] = {k: v for k, v in annotations.items() if k not in UNREAD_ANNOTATIONS}
+    return meta
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 def finetunejobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace, name): dict(body)}
+    return {(namespace, name): {**body, "metadata": _metadata(body)}}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL: kopf.PRESENT})
 def stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace, labels[LABEL]): dict(body)}
+    spec = {k: v for k, v in body.get("spec", {}).items() if k in JOB_SPEC_FIELDS}
+    trimmed = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": _metadata(body)}
+    return {(namespace, labels[LABEL]): {**trimmed, "spec": spec, "status": dict(body.get("status", {}))}}
 
 
 @kopf.index("", "v1", "pods", labels={LABEL: kopf.PRESENT})
 def stage_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace, labels[LABEL]): dict(body)}
+    trimmed = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": _metadata(body)}
+    return {(namespace, labels[LABEL]): {**trimmed, "status": dict(body.get("status", {}))}}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -203,25 +272,41 @@ def forget(memo: kopf.Memo, key: Key, uid: str | None) -> None:
     memo.written.pop(key, None)
     state.failures.pop(key, None)
     state.due.pop(key, None)
+    state.resync.pop(key, None)
     state.logs.pop(key, None)
+    state.log_pods.pop(key, None)
     state.read_at.pop(key, None)
+    state.quiet.pop(key, None)
     retry = state.retries.pop(key, None)
     if retry:
         retry.cancel()
 
 
 def _wants_visit(memo: kopf.Memo, key: Key, now: float) -> bool:
-    """Active (progress, deadline), never reconciled by this process, or due (TTL); failing jobs have their timer."""
+    """Never reconciled by this process, or due (requeue_after, resync); failing jobs have their retry timer."""
     state: State = memo.state
     if key in state.failures:
         return False
-    written = memo.written.get(key)
-    if written is None:
+    if memo.written.get(key) is None:
         return True  # e.g. its first reconcile failed before anything was written
-    phase = (written.get("status") or {}).get("phase", "Pending")
-    if phase in (*ACTIVE_PHASES, "Pending"):
-        return True
-    return key in state.due and state.due[key] <= now
+    return state.due.get(key, float("inf")) <= now or state.resync.get(key, float("inf")) <= now
+
+
+def _next_visit(state: State, key: Key, result: Plan) -> None:
+    """When the poll comes back to a job no event wakes: what its plan asked for, an active one by the resync."""
+    if result.requeue_after is None:
+        state.due.pop(key, None)
+    else:
+        state.due[key] = time.monotonic() + result.requeue_after
+    if result.status.phase in FINISHED_PHASES:
+        state.resync.pop(key, None)
+    else:
+        _resync_later(state, key)
+
+
+def _resync_later(state: State, key: Key) -> None:
+    # Jittered: jobs created together do not resync together.
+    state.resync[key] = time.monotonic() + RESYNC_SECONDS * random.uniform(0.8, 1.2)
 
 
 async def _poll(memo: kopf.Memo) -> None:
@@ -231,6 +316,8 @@ async def _poll(memo: kopf.Memo) -> None:
         if not memo.indexes:
             continue
         now = time.monotonic()
+        for key, (namespace, pod) in list(state.log_pods.items()):
+            _start_log_read(key, memo, namespace, pod, now)
         for key in list(memo.indexes["finetunejobs"]):
             if key not in state.running and _wants_visit(memo, key, now):
                 _spawn(state, reconcile(key, memo, memo.indexes))  # concurrently: a slow job holds no other
@@ -348,26 +435,33 @@ def _train_log(key: Key, memo: kopf.Memo, job: FineTuneJob, pods: list[dict[str,
     """The last log tail read of the running train pod, and a fresh read started beside this reconcile.
 
     A log read can hang (a node under load, a kubelet gone): the job's hand-offs never wait for it; the read
-    reconciles the job again when it brings new lines.
+    reconciles the job again when it brings new lines. The poll goes on reading while the pod runs.
     """
     state: State = memo.state
     pod = _train_pod(job, pods)
     if pod is None:
         state.logs.pop(key, None)
+        state.log_pods.pop(key, None)
         return {}
-    now = time.monotonic()
+    state.log_pods[key] = (job.namespace, pod)
+    _start_log_read(key, memo, job.namespace, pod, time.monotonic())
+    seen, tail = state.logs.get(key, ("", ""))
+    return {"train": tail} if seen == pod and tail else {}
+
+
+def _start_log_read(key: Key, memo: kopf.Memo, namespace: str, pod: str, now: float) -> None:
+    """A log read in the background, at most one at a time per job and one per POLL_SECONDS."""
+    state: State = memo.state
     if key not in state.reading and now - state.read_at.get(key, -POLL_SECONDS) >= POLL_SECONDS:
         state.reading.add(key)
         state.read_at[key] = now
-        _spawn(state, _read_log(key, memo, job.namespace, pod))
-    seen, tail = state.logs.get(key, ("", ""))
-    return {"train": tail} if seen == pod and tail else {}
+        _spawn(state, _read_log(key, memo, namespace, pod))
 
 
 async def _read_log(key: Key, memo: kopf.Memo, namespace: str, pod: str) -> None:
     state: State = memo.state
     try:
-        tail = await state.call(memo.api.log_tail, namespace, pod)
+        tail = await state.read_log(memo.api.log_tail, namespace, pod)
     finally:
         state.reading.discard(key)
     if tail and state.logs.get(key) != (pod, tail):
@@ -388,6 +482,17 @@ def _current(body: dict[str, Any], written: dict[str, Any] | None) -> dict[str, 
     if written and written.get("uid") == (body.get("metadata") or {}).get("uid"):
         return {**body, "status": written["status"]}
     return body
+
+
+def _inputs(body: dict[str, Any], observed: Observed) -> tuple[Any, ...]:
+    """What a plan depends on besides the clock (the clock's part comes back as requeue_after: the due time)."""
+    metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k != "resourceVersion"}
+    return metadata, body.get("spec"), body.get("status"), observed
+
+
+def _acts(result: Plan) -> bool:
+    """The plan creates or deletes something (else no API call, and no worker thread, is needed to carry it out)."""
+    return bool(result.start or result.stop or result.delete_other_runs or result.cleanup or result.playground)
 
 
 def _comparable(status: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -425,30 +530,71 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
     jobs = list(memo.indexes["stage_jobs"].get(key, []))
     pods = list(memo.indexes["stage_pods"].get(key, []))
     logs = _train_log(key, memo, job, pods)
-    result = plan(job, observe(job.status.run, jobs, pods, logs), dt.datetime.now(dt.UTC))
+    observed = observe(job.status.run, jobs, pods, logs)
+    inputs = _inputs(body, observed)
+    now = time.monotonic()
+    if state.quiet.get(key) == inputs and state.due.get(key, float("inf")) > now:
+        # Planned before with these inputs, nothing to do, and the plan asked for no visit by now: a resync that
+        # finds the index as it was has nothing to catch up on.
+        memo.metrics.reconcile_skipped.inc()
+        if state.resync.get(key, float("inf")) <= now:
+            _resync_later(state, key)
+        return
+    state.quiet.pop(key, None)
+    result = plan(job, observed, dt.datetime.now(dt.UTC))
     if result.start and await state.call(_started_but_unseen, api, job, result.start):
-        return  # our view of the children lags (a watch resuming after a pause); the Job's event comes next
+        state.due[key] = time.monotonic() + POLL_SECONDS  # the Job's event should come next; if not, look again
+        return  # our view of the children lags (a watch resuming after a pause)
     if not _alive(memo, key, job.uid):
         return  # deleted while we planned: create nothing
-    await state.call(apply, api, job, result, memo.settings)
+    if _acts(result):
+        await state.call(apply, api, job, result, memo.settings)
     if result.start and not _alive(memo, key, job.uid):
         # Deleted while its stage was being created: the new children would outlive it until garbage collection.
         await state.call(api.delete_children, job.namespace, job.name, None)
         return
     status = result.status.wire()
     previous = (memo.written.get(key) or {}).get("status")
-    if _comparable(status) in (_comparable(previous), _comparable(body.get("status") or None)):
+    unchanged = _comparable(status) in (_comparable(previous), _comparable(body.get("status") or None))
+    if unchanged:
         status = previous or body.get("status") or status  # nothing but progress.updatedAt: no write
     elif not await state.call(api.write_status, key[0], key[1], status):
         return  # the job is gone
     memo.metrics.record(previous or body.get("status"), status, (body.get("metadata") or {}).get("creationTimestamp"))
     memo.written[key] = {"uid": job.uid, "status": status}
-    if result.status.phase in FINISHED_PHASES and result.requeue_after is not None:
-        state.due[key] = time.monotonic() + result.requeue_after  # the TTL: no event will come for it
-    else:
-        state.due.pop(key, None)
+    _next_visit(state, key, result)
+    if unchanged and not _acts(result) and not result.events:
+        state.quiet[key] = inputs
     # After the status write, not before: an operator killed in between loses an Event, it never repeats one.
-    await _post_events(memo, body, [(e.type, e.reason, e.message) for e in result.events])
+    _queue_events(memo, key, body, [(e.type, e.reason, e.message) for e in result.events])
+
+
+def _queue_events(memo: kopf.Memo, key: Key, body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
+    """Post a pass's Events beside the job's next passes (its next hand-off never waits for them), after the
+    Events of its earlier passes."""
+    if not events:
+        return
+    state: State = memo.state
+    previous = state.posting.get(key)
+
+    async def post_in_order() -> None:
+        if previous is not None:
+            await asyncio.wait({previous})
+        try:
+            await _post_events(memo, body, events)
+        except Exception as exc:  # a task's exception would only be logged at exit
+            log.warning("cannot post Events for %s/%s: %s", *key, exc)
+
+    task = asyncio.get_running_loop().create_task(post_in_order(), context=contextvars.copy_context())
+    state.posting[key] = task
+    state.tasks.add(task)
+
+    def done(finished: asyncio.Task[None]) -> None:
+        state.tasks.discard(finished)
+        if state.posting.get(key) is finished:
+            del state.posting[key]
+
+    task.add_done_callback(done)
 
 
 async def _post_events(memo: kopf.Memo, body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
@@ -457,7 +603,7 @@ async def _post_events(memo: kopf.Memo, body: dict[str, Any], events: list[tuple
     that records the transition is written: the reconcile is done)."""
     for type_, reason, message in events:
         try:
-            await memo.state.call(memo.api.post_event, body, type_, reason, message)
+            await memo.state.post(memo.api.post_event, body, type_, reason, message)
         except ApiCallError as exc:
             log.warning("%s", exc)
 
@@ -510,6 +656,8 @@ async def _refuse(api: KubeApi, key: Key, body: dict[str, Any], memo: kopf.Memo,
         await memo.state.call(api.write_status, key[0], key[1], status)
         await _post_events(memo, body, [("Warning", "InvalidSpec", message)])
     memo.written[key] = {"uid": (body.get("metadata") or {}).get("uid"), "status": status}
+    memo.state.due.pop(key, None)  # nothing to revisit until the spec is edited (an event)
+    memo.state.resync.pop(key, None)
 
 
 def _valid_status(body: dict[str, Any]) -> bool:

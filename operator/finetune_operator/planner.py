@@ -570,6 +570,12 @@ def _playground(
         result.requeue_after = min(result.requeue_after or remaining, remaining)
 
 
+def _requeue(result: Plan, seconds: float) -> None:
+    """Ask for a visit in `seconds` at the latest (the earliest of what asks for one)."""
+    seconds = max(seconds, 0.0)
+    result.requeue_after = seconds if result.requeue_after is None else min(result.requeue_after, seconds)
+
+
 def _finish_housekeeping(job: FineTuneJob, status: FineTuneJobStatus, result: Plan, now: dt.datetime) -> None:
     ttl = job.spec.run_policy.ttl_seconds_after_finished
     done = parse_time(status.completion_time)
@@ -616,6 +622,8 @@ def _advance(
         status.message = f"the run exceeded spec.runPolicy.activeDeadlineSeconds ({deadline}s)"
         status.completion_time = stamp
         return False
+    if deadline and started:
+        _requeue(result, deadline - (now - started).total_seconds())  # no event marks the deadline passing
 
     for stage in sequence:
         record = getattr(status.stages, stage) or StageStatus()
@@ -628,7 +636,7 @@ def _advance(
             record.state = "Running"
             record.attempts = max(record.attempts, seen.attempts, 1)
             status.message = f"{stage} finished; reading its results"
-            result.requeue_after = 2
+            _requeue(result, 2)
             return False
         if seen.succeeded:
             record.state = "Succeeded"

@@ -45,6 +45,10 @@ RETRYABLE = frozenset({429, 500, 502, 503, 504})
 REQUEST_TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds for every call: a hung server must not hold a job (or a worker thread) forever."""
 LOG_TIMEOUT = (3.0, 5.0)
+POOL_CONNECTIONS = 24
+"""Kept-alive connections to the server: one per worker thread of the controller (16 for calls, 4 for logs) and
+some slack. The client's default (5 per core) made the busier threads open, TLS-handshake and drop a connection
+per call."""
 
 
 def _user_agent() -> str:
@@ -85,6 +89,7 @@ def load_configuration(
     """
     configuration = client.Configuration()
     configuration.retries = False  # `KubeApi.call` retries, with backoff; urllib3's own 3 would multiply timeouts
+    configuration.connection_pool_maxsize = POOL_CONNECTIONS
     path = kubeconfig or environ.get("KUBECONFIG") or None
     if path is None and (environ.get(SERVICE_HOST_ENV_NAME) and context is None):
         try:

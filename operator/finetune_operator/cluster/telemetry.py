@@ -82,6 +82,11 @@ class OperatorMetrics:
             "Reconciles that raised (they are retried on the next event or poll)",
             registry=self.registry,
         )
+        self.reconcile_skipped = Counter(
+            "finetune_reconcile_skipped",
+            "Reconciles that found the same job and children as a pass that had nothing to do (not planned again)",
+            registry=self.registry,
+        )
         self.reconcile_seconds = Histogram(
             "finetune_reconcile_duration_seconds",
             "Time one reconcile takes (planning plus API writes)",
