@@ -87,7 +87,7 @@ def gang_restart(root: Path, model: Path) -> float:
     from finetune_operator.local import Reporter, kill_tree, run_stage_processes
     from finetune_operator.stages.train import latest_valid_checkpoint
 
-    spec = _spec(model, 30, 10, workers=2)
+    spec = _spec(model, 12, 4, workers=2)
     spec["training"].update(loggingSteps=1)
     job, run = _job(root / "gang", spec)
     marks: dict[str, float] = {}
@@ -118,7 +118,7 @@ def torchrun_restart(root: Path, model: Path) -> float:
     from finetune_operator.local import stage_config
     from finetune_operator.stages.train import latest_valid_checkpoint
 
-    spec = _spec(model, 30, 10)
+    spec = _spec(model, 12, 4)
     spec["training"].update(loggingSteps=1)
     job, run = _job(root / "elastic", spec)
     work = run.workdir(1)

@@ -72,8 +72,10 @@ def test_deleting_a_train_pod_of_two_workers_restarts_both_from_the_checkpoint_a
     assert train["state"] == "Succeeded" and train["attempts"] == 2, train
     [restart] = train["restarts"]
     # SIGTERM reached the deleted pod's worker: every rank finished its step, saved that step's checkpoint and
-    # exited 75, a disruption that costs no retry; the second attempt (a new Job) resumed there.
-    assert restart["reason"] == "Preempted" and restart["exitCode"] == 75, restart
+    # exited 75, a disruption that costs no retry; the second attempt (a new Job) resumed there. The operator reads
+    # the pod that is left, worker 0's: 75, or 143 when the Job controller's SIGTERM (the Job failed with the
+    # deleted pod) ended its launcher after its worker had exited 75 (seen once in four runs).
+    assert restart["reason"] == "Preempted" and restart["exitCode"] in (75, 143), restart
     assert restart["countsAgainstBackoffLimit"] is False and train.get("retriesUsed", 0) == 0, train
     stopped_at = int(re.search(r"after step (\d+): checkpoint-\1 saved on all 2 worker", restart["message"])[1])
     assert restart["resumeFrom"] == f"checkpoint-{stopped_at}", restart
