@@ -11,7 +11,7 @@ the kill to the first training step of the next attempt, once for the local supe
 mode does, and what the operator does when it replaces the train Job, less the pod scheduling) and once for
 torchrun's own `--max-restarts` (its elastic agent restarts the ranks in place). Run:
 
-    python benchmarks/checkpoint_restart.py [--steps 12] [--every 4] [--only checkpoint|restart]
+    python benchmarks/checkpoint_restart.py [--steps 12] [--every 4] [--only checkpoint|restart|gang-restart]
 
 Prints Markdown rows for the README's benchmark tables.
 """
@@ -147,7 +147,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12, help="steps per checkpoint-cost run")
     parser.add_argument("--every", type=int, default=4, help="a checkpoint every this many steps in those runs")
-    parser.add_argument("--only", choices=("checkpoint", "restart"), help="measure one of the two (default both)")
+    parser.add_argument(
+        "--only",
+        choices=("checkpoint", "restart", "gang-restart"),
+        help="measure one part (default all; gang-restart: the supervisor's restart alone)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -156,10 +160,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         model = build_tiny_model(root / "model", corpus_from_jsonl(DATA), preset="tiny-gpt2")
-        if args.only != "restart":
+        if args.only in (None, "checkpoint"):
             checkpoint_table(root, model, args.steps, args.every)
         if args.only != "checkpoint":
-            restart_table(root, model)
+            restart_table(root, model, torchrun=args.only != "gang-restart")
 
 
 def checkpoint_table(root: Path, model: Path, steps: int, every: int) -> None:
@@ -175,15 +179,15 @@ def checkpoint_table(root: Path, model: Path, steps: int, every: int) -> None:
               f"{cost['step']:.2f} | {100 * share:.2f}% (one per {default} steps) |")  # fmt: skip
 
 
-def restart_table(root: Path, model: Path) -> None:
-    results: dict[str, float] = {}
-    results["supervisor"] = gang_restart(root, model)
-    results["torchrun"] = torchrun_restart(root, model)
+def restart_table(root: Path, model: Path, torchrun: bool = True) -> None:
     print()
     print("| restart after SIGKILL of one of 2 workers | kill -> first step of the next attempt |")
     print("|---|---:|")
-    print(f"| gang restart by the local supervisor (new processes, resume) | {results['supervisor']:.1f} s |")
-    print(f"| torchrun --max-restarts (agent restarts the ranks in place) | {results['torchrun']:.1f} s |")
+    seconds = gang_restart(root, model)
+    print(f"| gang restart by the local supervisor (new processes, resume) | {seconds:.1f} s |", flush=True)
+    if torchrun:
+        seconds = torchrun_restart(root, model)
+        print(f"| torchrun --max-restarts (agent restarts the ranks in place) | {seconds:.1f} s |")
 
 
 if __name__ == "__main__":
