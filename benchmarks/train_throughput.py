@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "quickstart" / "data" / "train.jsonl"
 
 
-def _spec(model: Path, batch: int, steps: int, packing: bool = False) -> dict[str, Any]:
+def quickstart_spec(model: Path, batch: int, steps: int, packing: bool = False) -> dict[str, Any]:
+    """The benchmarks' FineTuneJob spec: the quickstart rows, full fine-tuning on the CPU, no checkpoints."""
     return {
         "model": {"source": str(model)},
         "dataset": {"source": str(DATA), "format": "completion", "maxSeqLength": 256 if packing else 64,
@@ -40,8 +41,8 @@ def _prepared(root: Path, model: Path, batch: int, steps: int, packing: bool = F
     from finetune_operator.stages.contract import StageConfig, Workdir
     from finetune_operator.stages.prepare import run_prepare
 
-    config = StageConfig(job="bench", spec=FineTuneJobSpec.model_validate(_spec(model, batch, steps, packing)),
-                         termination_log=str(root / "term"))  # fmt: skip
+    spec = FineTuneJobSpec.model_validate(quickstart_spec(model, batch, steps, packing))
+    config = StageConfig(job="bench", spec=spec, termination_log=str(root / "term"))
     work = Workdir(root / ("packed" if packing else "plain"))
     run_prepare(config, work)
     return config, work

@@ -9,8 +9,11 @@ against the server, over its HTTP API only, in one background thread:
   labels and ownerReference; for an Indexed Job one pod per completion index with the completion-index
   annotation and label, `hostname` <job>-<index>, the Job's `subdomain`, and `JOB_COMPLETION_INDEX`), replaces
   failed pods up to `backoffLimit`, applies `podFailurePolicy` (FailJob / Ignore / Count on exit codes and pod
-  conditions), leaves a suspended Job without pods, and writes the Job's status (startTime, active, ready,
-  succeeded, failed, completedIndexes, completionTime, SuccessCriteriaMet+Complete or FailureTarget+Failed);
+  conditions) and `podReplacementPolicy` (Failed, the default with a podFailurePolicy: a terminating pod is
+  replaced only once it has failed), keeps counting pods that ended and are gone (what the job-tracking finalizer
+  ensures), counts no failure for pods it stopped itself, leaves a suspended Job without pods, and writes the Job's
+  status (startTime, active, ready, terminating, succeeded, failed, completedIndexes, completionTime,
+  SuccessCriteriaMet+Complete or FailureTarget+Failed);
 - **the kubelet**: it runs each pod's container as a local process. The container's command runs with the
   container's env (values, fieldRef, secretKeyRef/configMapKeyRef, envFrom), each volume mount mapped to a host
   folder (a ConfigMap's files written out, an emptyDir fresh, a PersistentVolumeClaim one folder per claim that
@@ -20,7 +23,9 @@ against the server, over its HTTP API only, in one background thread:
   trainer image's entrypoint). The log is published through the `test.finetune.dev/log` pod annotation (the
   server's pods/log shim), the termination message is read from the mapped `terminationMessagePath`
   (FallbackToLogsOnError honoured), and pod status goes Pending -> Running -> Succeeded/Failed with container
-  states as a kubelet writes them. A pod that is deleted has its process stopped (SIGTERM, then SIGKILL);
+  states as a kubelet writes them. A running pod is deleted gracefully, as on a node: this server would delete
+  it at once, so the kubelet holds it with a finalizer; on deletion the process gets SIGTERM, then SIGKILL after
+  the pod's terminationGracePeriodSeconds (bounded), the final status is written, and then the pod goes;
 - **the garbage collector**: an object whose owners are all gone (checked with a live read) is deleted, and
   foreground/orphan deletion finalizers are honoured.
 
@@ -71,6 +76,10 @@ LOG_LINES_PUBLISHED = 300
 TERMINATION_LIMIT = 4096
 FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
 KILL_GRACE_SECONDS = 5.0
+"""How long stop() waits after SIGTERM before SIGKILL when the test cluster itself is stopped."""
+MAX_GRACE_SECONDS = 60.0
+"""A pod's terminationGracePeriodSeconds is honoured up to this bound (the operator's default is 300 s)."""
+KUBELET_FINALIZER = "test.finetune.dev/kubelet"
 RETRIES = 5
 
 GROUPS = {
@@ -286,6 +295,8 @@ class Cluster:
         self.pods_created: list[str] = []
         self.processes_started: list[tuple[str, str]] = []  # (stage label, pod name)
         self.deleted_by_gc: list[tuple[str, str]] = []
+        self._ended: dict[str, dict[str, dict[str, Any]]] = {}  # Job uid -> pod uid -> the ended pod
+        self._stopped_by_controller: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -317,6 +328,11 @@ class Cluster:
             while pod.process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             self._kill(pod, force=True)
+        for pod in self.running.values():  # nothing runs any more: their pods may go
+            with contextlib.suppress(ApiError):
+                live = self.rest.get("pods", self.namespace, pod.name)
+                if live is not None and KUBELET_FINALIZER in (live["metadata"].get("finalizers") or []):
+                    self._release(live)
         self.running.clear()
         self.rest.close()
         if self.errors:
@@ -355,21 +371,36 @@ class Cluster:
         live = {p["metadata"]["uid"]: p for p in pods}
         for uid, running in list(self.running.items()):
             pod = live.get(uid)
-            if pod is None or pod["metadata"].get("deletionTimestamp"):
+            if pod is None:  # gone without the kubelet's say (its finalizer removed by hand): stop it
                 self._kill(running, force=running.killed_at is not None
                            and time.monotonic() - running.killed_at > KILL_GRACE_SECONDS)  # fmt: skip
                 if running.process.poll() is not None:
                     del self.running[uid]
+            elif pod["metadata"].get("deletionTimestamp"):  # graceful deletion: SIGTERM, the grace period, SIGKILL
+                self._kill(running, force=running.killed_at is not None
+                           and time.monotonic() - running.killed_at > grace_seconds(pod))  # fmt: skip
         out = []
         for pod in pods:
             meta, phase = pod["metadata"], (pod.get("status") or {}).get("phase", "Pending")
-            if meta.get("deletionTimestamp") or phase in ("Succeeded", "Failed"):
-                out.append(pod)
-            elif meta["uid"] in self.running:
-                out.append(self._watch_process(pod, self.running[meta["uid"]]))
-            else:
-                out.append(self._start_pod(pod))
+            if meta["uid"] in self.running:
+                pod = self._watch_process(pod, self.running[meta["uid"]])
+            elif not meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed"):
+                pod = self._start_pod(pod)
+            if meta["uid"] not in self.running and KUBELET_FINALIZER in (pod["metadata"].get("finalizers") or []):
+                pod = self._release(pod)
+            out.append(pod)
         return out
+
+    def _release(self, pod: dict[str, Any]) -> dict[str, Any]:
+        """The container has stopped and its final status is written: the pod may go (a deleted one goes now)."""
+        left = [f for f in pod["metadata"]["finalizers"] if f != KUBELET_FINALIZER]
+        body = {"metadata": {"finalizers": left or None, "resourceVersion": pod["metadata"]["resourceVersion"]}}
+        try:
+            self.rest.patch("pods", self.namespace, pod["metadata"]["name"], body)
+        except ApiError as exc:
+            if exc.status not in (404, 409):  # gone, or changed meanwhile: the next step tries again
+                raise
+        return pod  # as last seen: the Job controller counts it in this step even when it is now gone
 
     def _start_pod(self, pod: dict[str, Any]) -> dict[str, Any]:
         meta = pod["metadata"]
@@ -380,6 +411,16 @@ class Cluster:
             env = self._env(pod, container, mounts)
         except PodNotReady as exc:
             return self._pending(pod, str(exc))
+        # On a node a deleted pod stays (Terminating) until its containers have stopped; this server deletes a pod
+        # at once, so the kubelet holds it with a finalizer until the process has exited and its status is final.
+        finalizers = [*(meta.get("finalizers") or []), KUBELET_FINALIZER]
+        try:
+            hold = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+            self.rest.patch("pods", self.namespace, meta["name"], hold)
+        except ApiError as exc:
+            if exc.status in (404, 409):  # deleted or changed since listed: the next step sees it as it is
+                return pod
+            raise
         termination = root / "termination-log"
         log = root / "container.log"
         stage = (meta.get("labels") or {}).get("finetune.dev/stage", "")
@@ -574,6 +615,8 @@ class Cluster:
         if isinstance(process, FakeProcess):
             process.terminate()
             return
+        if not force and running.killed_at is not None:
+            return  # one SIGTERM, as a kubelet sends: a second one could cut short the checkpoint the first asked for
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL if force else signal.SIGTERM)
         if force:
@@ -594,10 +637,14 @@ class Cluster:
         indexed = spec.get("completionMode") == "Indexed"
         completions = int(spec.get("completions", 1))
         parallelism = int(spec.get("parallelism", 1))
+        pods = self._with_ended(meta["uid"], pods)
         ended = [p for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
-        active = [p for p in pods if p not in ended and not p["metadata"].get("deletionTimestamp")]
+        terminating = [p for p in pods if p not in ended and p["metadata"].get("deletionTimestamp")]
+        active = [p for p in pods if p not in ended and p not in terminating]
         succeeded = sorted({_index(p) for p in ended if p["status"]["phase"] == "Succeeded"})
-        failed_pods = [p for p in ended if p["status"]["phase"] == "Failed"]
+        # A pod the controller stopped itself (suspend, a finished Job) is no failure.
+        failed_pods = [p for p in ended if p["status"]["phase"] == "Failed"
+                       and p["metadata"]["uid"] not in self._stopped_by_controller]  # fmt: skip
         counted_failures = 0
         outcome: tuple[str, str, str] | None = None  # (condition, reason, message)
         for pod in failed_pods:
@@ -616,20 +663,40 @@ class Cluster:
             outcome = ("Complete", "CompletionsReached", "Reached expected number of succeeded pods")
         if outcome is not None:
             for pod in active:  # what is still running of a finished Job is stopped
-                self.rest.delete("pods", self.namespace, pod["metadata"]["name"])
+                self._stop_pod(pod)
             active = []
         else:
             wanted = [i for i in range(completions) if i not in succeeded] if indexed else [0]
-            running = {_index(p) for p in active}
+            # podReplacementPolicy: with a podFailurePolicy (default Failed) a terminating pod is replaced only
+            # once it has failed, so an index never runs twice at once; TerminatingOrFailed replaces it at once.
+            policy = spec.get("podReplacementPolicy") or ("Failed" if spec.get("podFailurePolicy")
+                                                          else "TerminatingOrFailed")  # fmt: skip
+            occupying = active + (terminating if policy == "Failed" else [])
+            running = {_index(p) for p in occupying}
             for index in wanted[:parallelism]:
                 if index not in running:
                     active.append(self._create_pod(job, index if indexed else None))
-        self._write_job_status(job, active, succeeded if indexed else succeeded[:1], len(failed_pods), outcome)
+        self._write_job_status(job, active, succeeded if indexed else succeeded[:1], len(failed_pods), outcome,
+                               len(terminating))  # fmt: skip
+
+    def _with_ended(self, job_uid: str, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The Job's pods with those that ended and are gone since: the controller keeps counting them (the real
+        one holds each pod with its job-tracking finalizer until the pod is counted in the Job's status)."""
+        remembered = self._ended.setdefault(job_uid, {})
+        for pod in pods:
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                remembered[pod["metadata"]["uid"]] = pod
+        present = {p["metadata"]["uid"] for p in pods}
+        return pods + [p for uid, p in remembered.items() if uid not in present]
+
+    def _stop_pod(self, pod: dict[str, Any]) -> None:
+        self._stopped_by_controller.add(pod["metadata"]["uid"])
+        self.rest.delete("pods", self.namespace, pod["metadata"]["name"])
 
     def _suspend(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
         for pod in pods:
             if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
-                self.rest.delete("pods", self.namespace, pod["metadata"]["name"])
+                self._stop_pod(pod)
         status = job.get("status") or {}
         if not _condition(status, "Suspended"):
             condition = {"type": "Suspended", "status": "True", "reason": "JobSuspended", "message": "Job suspended",
@@ -668,7 +735,8 @@ class Cluster:
         return pod
 
     def _write_job_status(self, job: dict[str, Any], active: list[dict[str, Any]], succeeded: list[int],
-                          failed: int, outcome: tuple[str, str, str] | None) -> None:  # fmt: skip
+                          failed: int, outcome: tuple[str, str, str] | None,
+                          terminating: int = 0) -> None:  # fmt: skip
         old = job.get("status") or {}
         stamp = now_stamp()
         status: dict[str, Any] = {
@@ -677,7 +745,7 @@ class Cluster:
             "ready": sum(1 for p in active if (p.get("status") or {}).get("phase") == "Running"),
             "succeeded": len(succeeded),
             "failed": failed,
-            "terminating": 0,
+            "terminating": terminating,
             "uncountedTerminatedPods": {},
             "conditions": [c for c in old.get("conditions") or [] if c.get("type") != "Suspended"],
         }
@@ -787,6 +855,12 @@ def field_path(pod: dict[str, Any], path: str) -> str:
     if path not in simple:
         raise AssertionError(f"the test kubelet has no fieldRef {path}")
     return simple[path]
+
+
+def grace_seconds(pod: dict[str, Any]) -> float:
+    """The pod's terminationGracePeriodSeconds (30 s by default), bounded. Not the deletion's own grace period:
+    this server serves pods without graceful deletion and writes deletionGracePeriodSeconds 0 on every delete."""
+    return min(float(pod["spec"].get("terminationGracePeriodSeconds", 30)), MAX_GRACE_SECONDS)
 
 
 def log_tail(path: Path, lines: int) -> str:

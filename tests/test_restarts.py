@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 from finetune_operator.cluster.observe import observe
 from finetune_operator.planner import EndedAttempt, ObservedStage
@@ -48,6 +49,22 @@ def test_a_lost_worker_restarts_the_whole_train_job_once_and_records_why():
     assert after.start == "train" and after.status.stages.train.restarts[0].reason == "WorkerLost"
     final = step(job, {"prepare": done("prepare"), "train": done("train")}, now=T0 + dt.timedelta(minutes=9))
     assert final.status.stages.train.state == "Succeeded" and final.status.stages.train.attempts == 2
+
+
+def test_a_preempted_attempt_resumes_from_the_checkpoint_its_sigterm_saved_not_the_last_one_logged():
+    job = make_job()
+    training(job)  # the last progress line read names checkpoint-40
+    saved = {"step": 43, "time": "2026-11-26T12:05:40Z", "location": "/workspace/run-1/checkpoint-43"}
+    ended = EndedAttempt(uid="uid-1", exit_code=EXIT_PREEMPTED, message="stopped by SIGTERM after step 43",
+                         last_checkpoint=saved)  # fmt: skip
+    observed = {"prepare": done("prepare"), "train": ObservedStage(exists=True, failed=True, attempts=1,
+                                                                   ended_attempt=ended)}  # fmt: skip
+    result = step(job, observed, now=T0 + dt.timedelta(minutes=6))
+    [restart] = result.status.stages.train.restarts
+    assert (restart.reason, restart.resume_from, restart.counts_against_backoff_limit) == (
+        "Preempted", "checkpoint-43", False)  # fmt: skip
+    assert result.status.progress.last_checkpoint.step == 43
+    assert "attempt 2 resumes from checkpoint-43" in result.status.message
 
 
 def test_preemptions_cost_no_retry_but_errors_run_out():
@@ -104,6 +121,12 @@ def test_a_failed_train_job_is_read_as_its_root_cause():
         conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
     )
     assert observe(1, [_failed_job()], [evicted]).stages["train"].ended_attempt.exit_code == EXIT_PREEMPTED
+    summary = {"ok": False, "exitCode": EXIT_PREEMPTED, "message": "stopped by SIGTERM after step 43",
+               "lastCheckpoint": {"step": 43, "location": "/workspace/run-1/checkpoint-43"}}  # fmt: skip
+    preempted = _pod("w0", "0", "2026-11-26T12:00:01Z", EXIT_PREEMPTED, terminated={"message": json.dumps(summary)})
+    ended = observe(1, [_failed_job()], [preempted]).stages["train"].ended_attempt
+    assert (ended.exit_code, ended.message, ended.last_checkpoint) == (
+        EXIT_PREEMPTED, summary["message"], summary["lastCheckpoint"])  # fmt: skip
     oom = _pod("w0", "0", "2026-11-26T12:00:01Z", 137, terminated={"reason": "OOMKilled"})
     assert observe(1, [_failed_job()], [oom]).stages["train"].ended_attempt.exit_code == 7
 

@@ -88,6 +88,9 @@ class EndedAttempt:
     exit_code: int
     """The exit code that decided (see stages.contract.most_significant); 75 for a disruption."""
     message: str | None = None
+    last_checkpoint: dict[str, Any] | None = None
+    """The newest complete checkpoint the attempt's summary names (a SIGTERM saves one just before the exit, after
+    the last progress line the operator may have read)."""
 
 
 @dataclass
@@ -453,6 +456,17 @@ def plan(job: FineTuneJob, observed: Observed, now: dt.datetime) -> Plan:
     return result
 
 
+def _newest_checkpoint(status: FineTuneJobStatus, ended: EndedAttempt) -> CheckpointRef | None:
+    """The checkpoint the next attempt resumes from: the newer of the last one in progress and the one the ended
+    attempt's summary names (which then becomes progress.lastCheckpoint too)."""
+    known = status.progress.last_checkpoint if status.progress else None
+    if ended.last_checkpoint and (known is None or ended.last_checkpoint.get("step", -1) > known.step):
+        known = CheckpointRef.model_validate(ended.last_checkpoint)
+        if status.progress is not None:
+            status.progress.last_checkpoint = known
+    return known
+
+
 def _restart_gang(
     job: FineTuneJob,
     status: FineTuneJobStatus,
@@ -472,7 +486,7 @@ def _restart_gang(
         limit = job.spec.run_policy.backoff_limit
         if counted and record.retries_used >= limit:
             return False
-        checkpoint = status.progress.last_checkpoint if status.progress else None
+        checkpoint = _newest_checkpoint(status, ended)
         record.restarts = [
             *record.restarts,
             RestartRecord(

@@ -109,6 +109,7 @@ def ended_attempt(job: dict[str, Any], pods: list[dict[str, Any]]) -> EndedAttem
         uid=(job.get("metadata") or {}).get("uid") or (job.get("metadata") or {}).get("name", ""),
         exit_code=most_significant(codes) or EXIT_FAILURE,
         message=summary.get("message") or message,
+        last_checkpoint=summary.get("lastCheckpoint"),
     )
 
 
