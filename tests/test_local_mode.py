@@ -73,7 +73,14 @@ def status_of(tmp: Path) -> dict:
 
 
 def test_quickstart_sibling_runs_end_to_end(tmp_path, capsys):
-    manifest = make_job(tmp_path, export={"formats": ["merged", "onnx"], "serving": {"runtime": "triton"}})
+    # 60 steps: enough to move perplexity; that the model learns the task (exact match) is proven once, in
+    # test_stage_evaluate_export.py::test_tuned_model_beats_the_base_model, and by the quickstart's figures.
+    manifest = make_job(
+        tmp_path,
+        training={"maxSteps": 60, "loggingSteps": 10, "checkpointEverySteps": 30},
+        evaluation={"gates": [{"metric": "perplexity", "max": 100}]},
+        export={"formats": ["merged", "onnx"], "serving": {"runtime": "triton"}},
+    )
     assert main(["run", str(manifest), "--init-model", "micro", "-o", "yaml"]) == 0
     printed = capsys.readouterr().out
     assert "status:" in printed and "phase: Succeeded" in printed
@@ -85,9 +92,8 @@ def test_quickstart_sibling_runs_end_to_end(tmp_path, capsys):
         status.phase == "Succeeded"
         and [getattr(status.stages, s).state for s in ("prepare", "train", "evaluate", "export")] == ["Succeeded"] * 4
     )
-    assert status.metrics.tuned["exactMatch"] >= 0.5 > status.metrics.base["exactMatch"]
-    assert status.metrics.tuned["perplexity"] < status.metrics.base["perplexity"]
-    assert status.metrics.gates_passed and status.progress.step == 600
+    assert status.metrics.tuned["perplexity"] < status.metrics.base["perplexity"] / 2
+    assert status.metrics.gates_passed and status.progress.step == 60
     assert {c.type: c.status for c in status.conditions}["Ready"] == "True"
     names = [a.name for a in status.artifacts]
     assert names == ["merged", "onnx", "triton-repository", "serving-config"]
