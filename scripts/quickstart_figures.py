@@ -56,7 +56,7 @@ def run_quickstart() -> dict[str, Any]:
         )
         # This checkout's code, whichever copy of the package is installed.
         path = os.pathsep.join(p for p in (str(REPO / "operator"), os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, "COLUMNS": "100", "PYTHONPATH": path}
+        env = {**os.environ, "COLUMNS": "120", "PYTHONPATH": path}  # the README block is read at ~120
         sampler = threading.Thread(target=sample, daemon=True)
         loads.append(os.getloadavg()[0])
         started = time.monotonic()

@@ -817,7 +817,8 @@ def add_work(
             steps * seqs_per_step * tokens_per_epoch / max(sequences, 1)
         )  # fmt: skip
     elif sequences and epochs:
-        steps = math.ceil(sequences * epochs / seqs_per_step)
+        # As the Trainer counts: whole optimizer steps per epoch (the last one partial), then the epochs.
+        steps = math.ceil(epochs * math.ceil(sequences / seqs_per_step))
         tokens = (tokens_per_epoch or sequences * plan.seq_len) * epochs
     else:
         est.work = {"gpu": gpu} if gpu else {}
