@@ -243,10 +243,13 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            done = self.server.kubectl("get", "ftj", NAME, "-n", self.namespace, "--no-headers", check=False)
-            row = " ".join(done.stdout.split()[:-1])  # without the Age column
-            if done.returncode == 0 and row and (not self.rows or self.rows[-1] != row):
-                self.rows.append(row)
+            self._look()
+
+    def _look(self) -> None:
+        done = self.server.kubectl("get", "ftj", NAME, "-n", self.namespace, "--no-headers", check=False)
+        row = " ".join(done.stdout.split()[:-1])  # without the Age column
+        if done.returncode == 0 and row and (not self.rows or self.rows[-1] != row):
+            self.rows.append(row)
 
     def __enter__(self) -> Watcher:
         self._thread.start()
@@ -255,6 +258,7 @@ class Watcher:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(30)
+        self._look()  # what kubectl shows now: the poll's last look may predate the final status write
 
 
 @pytest.mark.slow
