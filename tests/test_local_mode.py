@@ -268,3 +268,31 @@ def test_an_invalid_manifest_is_refused_before_anything_runs(tmp_path, capsys):
     assert main(["run", str(manifest)]) == 2
     assert "spec.model.source: 'pvc://models/x' names a PersistentVolumeClaim" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_forked_and_fresh_stage_processes_give_the_same_run(tmp_path, monkeypatch):
+    """Local mode forks each stage from a server that imported the ML stack once (prefork.py); the run it gives
+    is the one fresh processes give: the same metrics, the same losses, the same exported weights."""
+    import finetune_operator.local as local
+
+    launchers: list[local.Launcher] = []
+
+    class Counted(local.Launcher):
+        def close(self) -> None:
+            launchers.append(self)
+            super().close()
+
+    monkeypatch.setattr(local, "Launcher", Counted)
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("FINETUNE_PREFORK", mode)
+        folder = tmp_path / f"prefork-{mode}"
+        folder.mkdir()
+        manifest = make_job(folder, training={"maxSteps": 12, "loggingSteps": 4, "checkpointEverySteps": 6},
+                            evaluation={"gates": []})  # fmt: skip
+        assert main(["run", str(manifest), "--init-model", "micro", "-q"]) == 0
+        status = FineTuneJobStatus.model_validate(status_of(folder))
+        merged = next(a for a in status.artifacts if a.name == "merged")
+        results[mode] = (status.metrics.tuned, status.metrics.base, status.progress.loss, merged.sha256)
+    assert [(c.forked, c.fresh) for c in launchers] == [(0, 4), (4, 0)]
+    assert results["0"] == results["1"]

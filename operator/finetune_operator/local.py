@@ -35,6 +35,7 @@ from .api.spec import STAGES
 from .api.status import FINISHED_PHASES, FineTuneJobStatus
 from .api.validation import InvalidJobError, Problem, load_job, local_path
 from .planner import Observed, ObservedStage, Plan, config_hash, plan, stages_for
+from .prefork import Launcher
 from .stages.contract import (
     StageConfig,
     Workdir,
@@ -44,6 +45,7 @@ from .stages.contract import (
     parse_line,
     retryable,
 )
+from .stages.runner import stage_environment
 
 STATUS_FILE = "status.yaml"
 WORK_DIR = ".work"
@@ -210,6 +212,10 @@ def _train_env(job: FineTuneJob, index: int, port: int) -> dict[str, str]:
     return env
 
 
+def stage_process_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 def _pump(proc: subprocess.Popen, stage: str, reporter: Reporter, log: Any) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -219,14 +225,18 @@ def _pump(proc: subprocess.Popen, stage: str, reporter: Reporter, log: Any) -> N
             reporter.record(stage, record)
 
 
-def run_stage_processes(job: FineTuneJob, run: LocalRun, stage: str, reporter: Reporter) -> int:
+def run_stage_processes(
+    job: FineTuneJob, run: LocalRun, stage: str, reporter: Reporter, launcher: Launcher | None = None
+) -> int:
     """Run one stage to completion; returns the last exit code.
 
     Each attempt runs every worker of the stage; when one fails the others are stopped at once (a gang: no
     survivor waits on a dead peer) and a retryable failure starts all of them again, train resuming from the
     newest complete checkpoint. Non-retryable codes (config error, gate, bug) end the stage on the first attempt;
     a SIGTERM'd attempt (EXIT_PREEMPTED) is retried without costing one of spec.runPolicy.backoffLimit's retries.
+    `launcher` starts the processes (warm, forked from a server that has the ML stack imported); none: fresh ones.
     """
+    launcher = launcher or Launcher(warm=False)
     work = run.workdir(job.status.run)
     config = stage_config(job, run, work, stage)
     limit = job.spec.run_policy.backoff_limit
@@ -235,7 +245,7 @@ def run_stage_processes(job: FineTuneJob, run: LocalRun, stage: str, reporter: R
     while True:
         attempt += 1
         work.summary_file(stage).unlink(missing_ok=True)  # this attempt's result replaces the last one's
-        codes = _run_attempt(job, work, config, stage, attempt, reporter)
+        codes = _run_attempt(job, work, config, stage, attempt, reporter, launcher)
         code = most_significant(codes)
         if not retryable(code):
             break
@@ -261,7 +271,7 @@ MAX_ATTEMPTS = 50
 
 
 def _run_attempt(
-    job: FineTuneJob, work: Workdir, config: Path, stage: str, attempt: int, reporter: Reporter
+    job: FineTuneJob, work: Workdir, config: Path, stage: str, attempt: int, reporter: Reporter, launcher: Launcher
 ) -> list[int]:
     """Start every worker of the stage and supervise them; returns the exit codes in the order they ended."""
     workers = job.spec.resources.workers if stage == "train" else 1
@@ -270,18 +280,11 @@ def _run_attempt(
     log.write(f"--- attempt {attempt} ({workers} worker(s)) ---\n")
     procs, pumps = [], []
     for index in range(workers):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = stage_process_env()
         if stage == "train" and workers > 1:
             env.update(_train_env(job, index, port))
         command = [sys.executable, "-m", "finetune_operator.stages", stage, "--config", str(config)]
-        proc = subprocess.Popen(
-            [*command, "--workdir", str(work.root)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
+        proc = launcher.start([*command, "--workdir", str(work.root)], env, stage_environment(work.root))
         procs.append(proc)
         pumps.append(threading.Thread(target=_pump, args=(proc, stage, reporter, log), daemon=True))
         pumps[-1].start()
@@ -591,6 +594,7 @@ def execute(
     _retry_failed_run(run, job, reporter)
     previous = (job.status.phase, job.status.run)
     stage: str | None = None
+    launcher = Launcher()
     try:
         while True:
             result: Plan = plan(job, observe(run, job), clock())
@@ -611,7 +615,7 @@ def execute(
                 stage = result.start
                 reporter.stage_started(stage)
                 try:
-                    run_stage_processes(job, run, stage, reporter)
+                    run_stage_processes(job, run, stage, reporter, launcher)
                 finally:
                     reporter.stage_finished(stage)
                 stage = None
@@ -625,6 +629,8 @@ def execute(
         reason = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
         _mark_interrupted(run, job, stage or job.status.current_stage, reason)
         raise
+    finally:
+        launcher.close()
     if previous == ("Succeeded", job.status.run) and job.status.phase == "Succeeded":
         reporter.event(
             "Normal",

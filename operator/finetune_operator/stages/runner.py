@@ -58,17 +58,25 @@ def _stage_function(name: str) -> Callable[[StageConfig, Workdir], dict[str, Any
     raise ValueError(f"unknown stage {name!r}")
 
 
-def _quiet_libraries(workdir: Workdir) -> None:
+def stage_environment(workdir_root: Path) -> dict[str, str]:
+    """What a stage sets in its environment, where not set already, before it imports a library."""
     # Pods run with a read-only root filesystem: every cache goes to the workspace.
-    cache = workdir.root / ".cache"
-    os.environ.setdefault("HF_HOME", str(cache / "huggingface"))
-    os.environ.setdefault("HF_DATASETS_CACHE", str(cache / "datasets"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
-    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    cache = workdir_root / ".cache"
+    return {
+        "HF_HOME": str(cache / "huggingface"),
+        "HF_DATASETS_CACHE": str(cache / "datasets"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "MPLCONFIGDIR": str(cache / "matplotlib"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    }
+
+
+def _quiet_libraries(workdir: Workdir) -> None:
+    for name, value in stage_environment(workdir.root).items():
+        os.environ.setdefault(name, value)
 
 
 def run_stage(name: str, config_path: Path, workdir_path: Path) -> int:
