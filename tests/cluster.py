@@ -70,6 +70,9 @@ from typing import Any
 import urllib3
 import yaml
 
+from finetune_operator.prefork import RUNTIME_ONLY_ENV, Launcher
+from finetune_operator.stages.runner import stage_environment
+
 LOG_ANNOTATION = "test.finetune.dev/log"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 LOG_LINES_PUBLISHED = 300
@@ -301,6 +304,9 @@ class Cluster:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._last_gc = 0.0
+        # Stage processes start warm, as in local mode. Each pod has its own HOME and HOSTNAME; the stage sets
+        # every cache variable itself (HF_HOME comes with the pod), so no library reads HOME at import.
+        self.launcher = Launcher(runtime_only=RUNTIME_ONLY_ENV | {"HOME", "HOSTNAME"})
         root.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -334,6 +340,7 @@ class Cluster:
                 if live is not None and KUBELET_FINALIZER in (live["metadata"].get("finalizers") or []):
                     self._release(live)
         self.running.clear()
+        self.launcher.close()
         self.rest.close()
         if self.errors:
             raise AssertionError("the test cluster failed:\n" + "\n".join(self.errors[:3]))
@@ -494,7 +501,7 @@ class Cluster:
                 host = self.volume(claim)
             else:
                 raise AssertionError(f"the test kubelet does not mount volume {volume}")
-            mounts.add(mount["mountPath"], host)
+            mounts.add(mount["mountPath"], host, shared="persistentVolumeClaim" in volume)
         # Files in the mounted ConfigMaps name container paths too (the stage config): map them like the rest.
         for file in files:
             with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
@@ -546,16 +553,9 @@ class Cluster:
             argv = [sys.executable, "-m", "finetune_operator", *argv[1:]]
         # The image's environment (PATH, PYTHONPATH, offline caches), then the container's; never the cluster's.
         base = {k: v for k, v in os.environ.items() if k != "KUBECONFIG" and not k.startswith("PYTEST")}
+        defaults = stage_environment(Path(argv[argv.index("--workdir") + 1])) if "--workdir" in argv else {}
         with log.open("wb") as out:
-            return subprocess.Popen(
-                argv,
-                cwd=root,
-                env={**base, **env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+            return self.launcher.start(argv, {**base, **env}, defaults, str(root), out.fileno(), tied=True)
 
     def _watch_process(self, pod: dict[str, Any], running: RunningPod) -> dict[str, Any]:
         code = running.process.poll()
@@ -821,13 +821,15 @@ class Mounts:
 
     def __init__(self, fs: Path) -> None:
         self.fs = fs
-        self.paths: list[str] = []
+        self.paths: list[tuple[str, Path | None]] = []
 
-    def add(self, mount_path: str, host: Path) -> None:
+    def add(self, mount_path: str, host: Path, shared: bool = False) -> None:
+        """`shared`: a volume every pod mounts at the same path (a PVC) is named by its host folder, so its paths
+        are the same in every pod, as inside containers (caches keyed by path, warm stage starts)."""
         link = self.fs / mount_path.strip("/")
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(host)
-        self.paths.append(mount_path.rstrip("/"))
+        self.paths.append((mount_path.rstrip("/"), host if shared else None))
 
     def remap(self, value: Any) -> Any:
         if isinstance(value, dict):
@@ -837,7 +839,10 @@ class Mounts:
         if not isinstance(value, str) or not value.startswith("/") or value == "/":
             return value
         path = value.rstrip("/")
-        for mount in self.paths:
+        for mount, host in self.paths:
+            if host is not None and (path == mount or path.startswith(mount + "/")):
+                return str(host) + value[len(mount) :]
+        for mount, _ in self.paths:
             if path == mount or path.startswith(mount + "/") or mount.startswith(path + "/"):
                 return str(self.fs) + value
         return value

@@ -303,6 +303,8 @@ def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: 
     assert [status["stages"][s]["state"] for s in STAGES] == ["Succeeded"] * 4
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
     assert [s for s, _ in cluster.processes_started] == list(STAGES)  # one real process per stage, no rerun
+    # Each forked from the harness's warm server (prefork.py): pods of one job differ only in HOME and HOSTNAME.
+    assert (cluster.launcher.forked, cluster.launcher.fresh) == (len(STAGES), 0), cluster.launcher.why_fresh
     # The stages' results reached the status through the pods' termination messages.
     assert status["lineage"]["datasetFingerprint"] and status["metrics"]["tuned"] and status["servingConfig"]
     assert [a["name"] for a in status["artifacts"]] == ["merged", "serving-config"]

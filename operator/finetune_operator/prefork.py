@@ -160,7 +160,7 @@ class PreforkServer:
         return not self._closed and self._process.poll() is None
 
     def close(self) -> None:
-        """Stop the server; children already forked run on in their own sessions (as a fresh process would)."""
+        """Stop the server, and with it any child still running (callers stop their children first)."""
         with self._lock:
             self._closed = True
         with contextlib.suppress(OSError):
@@ -184,18 +184,24 @@ class Launcher:
     """Starts stage processes: forked from a warm server where the child would be the same as a fresh process,
     else fresh (Popen). One per local run; `close()` stops its servers."""
 
-    def __init__(self, warm: bool | None = None, core: tuple[str, ...] = CORE, later: tuple[str, ...] = LATER) -> None:
+    def __init__(
+        self,
+        warm: bool | None = None,
+        core: tuple[str, ...] = CORE,
+        later: tuple[str, ...] = LATER,
+        runtime_only: frozenset[str] = RUNTIME_ONLY_ENV,
+    ) -> None:
         self.warm = enabled() if warm is None else warm
+        self.runtime_only = runtime_only
         self.preload = core, later
         self._servers: dict[frozenset[tuple[str, str]], PreforkServer] = {}
         self.forked = self.fresh = 0
         self.why_fresh = ""  # why the last process that could have been forked was started fresh
 
-    @staticmethod
-    def server_env(env: dict[str, str], defaults: dict[str, str]) -> dict[str, str]:
+    def server_env(self, env: dict[str, str], defaults: dict[str, str]) -> dict[str, str]:
         """The environment a child has when its imports run: `env` and the `defaults` the program sets for itself
         before importing (its caches), less what is only read at run time."""
-        base = {k: v for k, v in env.items() if k not in RUNTIME_ONLY_ENV}
+        base = {k: v for k, v in env.items() if k not in self.runtime_only}
         return {**{k: v for k, v in defaults.items() if k not in base}, **base}
 
     def _server_for(self, env: dict[str, str], defaults: dict[str, str]) -> PreforkServer | None:
@@ -213,34 +219,44 @@ class Launcher:
         return server
 
     def start(
-        self, argv: list[str], env: dict[str, str], defaults: dict[str, str] | None = None, cwd: str | None = None
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        defaults: dict[str, str] | None = None,
+        cwd: str | None = None,
+        output: int | None = None,
+        tied: bool = False,
     ) -> Any:
         """A Popen-like process running `argv` (`[python, -m, module, ...]`) in a session of its own, its output
-        (stdout and stderr) on `.stdout` as text lines. `defaults`: see `server_env`."""
+        (stdout and stderr) on `.stdout` as text lines, or on the file descriptor `output`. `defaults`: see
+        `server_env`. A forked child dies with its server; `tied`: a fresh one dies with the calling thread."""
         server = self._server_for(env, defaults or {}) if _is_module_call(argv) else None
         if server is not None:
-            read, write = os.pipe()
+            read, write = os.pipe() if output is None else (None, output)
             try:
                 child = server.spawn(argv, env, cwd or os.getcwd(), write, timeout=300)
             except OSError as exc:
-                os.close(read)
                 self.why_fresh = str(exc)
             else:
-                child.stdout = open(read, encoding="utf-8", errors="replace")  # noqa: SIM115 (the caller reads it)
+                if read is not None:
+                    child.stdout = open(read, encoding="utf-8", errors="replace")  # noqa: SIM115 (the caller's)
+                    read = None
                 self.forked += 1
                 return child
             finally:
-                os.close(write)
+                for fd in {read, write} - {None, output}:
+                    os.close(fd)
         self.fresh += 1
         return subprocess.Popen(
             argv,
             cwd=cwd,
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if output is None else output,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
             start_new_session=True,
+            preexec_fn=die_with_parent if tied else None,
         )
 
     def close(self) -> None:
@@ -270,17 +286,18 @@ def die_with_parent() -> None:
 # ------------------------------------------------------------------------------------------------ the server side
 
 
-def serve(sock: socket.socket, core: Iterable[str] = CORE, later: Iterable[str] = LATER) -> None:
-    """Import `core`, then answer fork requests, importing `later` between them; report every child's exit."""
+def serve(sock: socket.socket, parent: int, core: Iterable[str] = CORE, later: Iterable[str] = LATER) -> None:
+    """Import `core`, then answer fork requests, importing `later` between them; report every child's exit.
+    Returns when the parent closes the socket or dies (the children, tied to this process, die with it)."""
     for module in core:
         _preload(module)
     pending = list(later)
-    while True:
+    while os.getppid() == parent:
         ready, _, _ = select.select([sock], [], [], 0 if pending else 0.2)
         if ready:
             data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
             if not data:
-                break  # the parent closed: its children live on in their own sessions, as fresh processes would
+                break
             _answer(sock, json.loads(data), fds)
         elif pending:
             _preload(pending.pop(0))
@@ -344,8 +361,10 @@ def _fork(request: dict[str, Any], output: int, sock: socket.socket) -> int:
 
 
 def _become(request: dict[str, Any], output: int) -> None:
-    """Make this forked child what a fresh `python -m ...` started by Popen(start_new_session=True) would be."""
+    """Make this forked child what a fresh `python -m ...` started by Popen(start_new_session=True) would be,
+    except that it dies with its server (and so with the run that started the server): no orphan outlives it."""
     os.setsid()
+    die_with_parent()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(output, 1)
@@ -386,11 +405,10 @@ def _run_module(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(args[0]))
-    die_with_parent()
-    if os.getppid() != int(args[1]):
-        return  # the parent died before the line above could tie this process to it
+    # Not PR_SET_PDEATHSIG here: it fires when the parent *thread* that started this server ends (a test
+    # cluster's loop thread, say), while its children may still be running.
     with contextlib.suppress(KeyboardInterrupt):
-        serve(sock, *(tuple(filter(None, names.split(","))) for names in args[2:4]))
+        serve(sock, int(args[1]), *(tuple(filter(None, names.split(","))) for names in args[2:4]))
 
 
 if __name__ == "__main__":
