@@ -39,6 +39,10 @@ from .cluster import (
 from .conftest import first_word_rows, write_jsonl
 from .helm import allows
 
+# Every test here starts the real operator process against the real API server and waits for it (5-30 s each,
+# minutes with the real stages): end-to-end tests, run by CI and left out of `-m "not slow"`.
+pytestmark = pytest.mark.slow
+
 STAGES = ("prepare", "train", "evaluate", "export")
 NAME = "demo"
 FAKE_SPEC: dict[str, Any] = {
@@ -261,7 +265,6 @@ class Watcher:
         self._look()  # what kubectl shows now: the poll's last look may predate the final status write
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1800)  # four real stages twice (cluster and local) on 2 cores that may be shared
 def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: Path):
     from finetune_operator.stages.tiny import build_tiny_model
@@ -528,7 +531,6 @@ def test_deleting_a_finetunejob_while_a_stage_runs_stops_everything(env: Env):
     assert not cluster.running  # the train process was stopped with its pod
 
 
-@pytest.mark.slow  # 21 operator start-ups
 def test_the_operator_killed_at_20_random_moments_finishes_the_run_once(env: Env):
     seed = random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
