@@ -48,7 +48,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "operator"),
 
 import psutil  # noqa: E402
 from tests.apiserver import find_apiserver_dir  # noqa: E402
-from tests.cluster import Cluster, FakeStages, FaultProxy, OperatorProcess, Recorded, Rest, free_port  # noqa: E402
+from tests.cluster import (  # noqa: E402
+    Cluster,
+    FakeStages,
+    FaultProxy,
+    Informer,
+    OperatorProcess,
+    Recorded,
+    Rest,
+    free_port,
+)
 
 SPEC: dict[str, Any] = {
     "model": {"source": "hf://org/model", "revision": "abc123"},
@@ -177,7 +186,7 @@ def run_once(kubeconfig: Path, tmp: Path, jobs: int, stage_seconds: float, timeo
                    capture_output=True, timeout=60)  # fmt: skip
     rest = Rest(kubeconfig)
     completed: dict[str, float] = {}  # stage Job name -> when the test Job controller wrote Complete
-    cluster = BenchCluster(kubeconfig, namespace, tmp / namespace, fake=FakeStages(delay=stage_seconds))
+    cluster = BenchCluster(kubeconfig, namespace, tmp / namespace, fake=FakeStages(delay=stage_seconds), watch=True)
     write = cluster.rest.patch
 
     def timed_patch(plural: str, ns: str, name: str, body: dict[str, Any], sub: str | None = None) -> Any:
@@ -245,17 +254,21 @@ def create_jobs(rest: Rest, namespace: str, jobs: int) -> tuple[dict[str, float]
 
 
 def wait_finished(rest: Rest, namespace: str, jobs: int, timeout: float) -> dict[str, str]:
-    """Every FineTuneJob's phase once all are Succeeded or Failed, or when `timeout` runs out."""
+    """Every FineTuneJob's phase once all are Succeeded or Failed, or when `timeout` runs out (read from a watch:
+    listing a thousand jobs every second would load the server the operator is measured on)."""
     deadline = time.monotonic() + timeout
-    while True:
-        phases = {j["metadata"]["name"]: (j.get("status") or {}).get("phase", "") for j in
-                  rest.list("finetunejobs", namespace)}  # fmt: skip
-        finished = sum(1 for p in phases.values() if p in ("Succeeded", "Failed"))
-        if finished == jobs or time.monotonic() > deadline:
-            if finished < jobs:
-                print(f"  timed out after {timeout:.0f}s: {finished}/{jobs} finished", file=sys.stderr)
-            return phases
-        time.sleep(1.0)
+    informer = Informer(rest, "finetunejobs", namespace).start()
+    try:
+        while True:
+            phases = {j["metadata"]["name"]: (j.get("status") or {}).get("phase", "") for j in informer.items()}
+            finished = sum(1 for p in phases.values() if p in ("Succeeded", "Failed"))
+            if finished == jobs or time.monotonic() > deadline:
+                if finished < jobs:
+                    print(f"  timed out after {timeout:.0f}s: {finished}/{jobs} finished", file=sys.stderr)
+                return phases
+            time.sleep(1.0)
+    finally:
+        informer.stop()
 
 
 def analyse(requests: list[tuple[float, Recorded]], created: dict[str, float], completed: dict[str, float],
@@ -279,8 +292,12 @@ def analyse(requests: list[tuple[float, Recorded]], created: dict[str, float], c
             if phase in ("Succeeded", "Failed"):
                 succeeded_at.setdefault(name, at)
     first, handoff, finish = [], [], []
+    running: dict[str, list[float]] = collections.defaultdict(list)  # stage -> Job created -> Complete (harness)
     for name, stages in stage_jobs.items():
         stages.sort()
+        for at, stage, job_name in stages:
+            if job_name in completed:
+                running[stage].append(completed[job_name] - at)
         if name in created and stages[0][1] == "prepare":
             first.append(stages[0][0] - created[name])
         for (_, _, done), (next_at, _, _) in itertools.pairwise(stages):
@@ -298,6 +315,7 @@ def analyse(requests: list[tuple[float, Recorded]], created: dict[str, float], c
         "firstStage": percentiles(first),
         "handoff": percentiles(handoff),
         "finish": percentiles(finish),
+        "stageRun": {stage: percentiles(values) for stage, values in running.items()},
         "transitions": transitions,
         "writesPerTransition": writes / max(transitions, 1),
         "eventPostsPerTransition": by_call[("create", "events")] / max(transitions, 1),
