@@ -244,6 +244,10 @@ class Informer:
         with self._lock:
             return list(self.objects.values())
 
+    def uids(self) -> set[str]:
+        with self._lock:
+            return set(self.objects)
+
     def get(self, name: str) -> dict[str, Any] | None:
         with self._lock:
             uid = self.names.get(name)
@@ -458,6 +462,8 @@ class Cluster:
         self.rest: Rest = CachingRest(kubeconfig, WATCH_WORKERS + 2) if watch else Rest(kubeconfig)
         self.watch = watch
         self._pool = concurrent.futures.ThreadPoolExecutor(WATCH_WORKERS, "cluster") if watch else None
+        self._busy: set[str] = set()  # Job uids being handled by a worker
+        self._handled: dict[str, float] = {}  # Job uid -> when a worker last finished with it
         self.informers: dict[str, Informer] = {}
         self.namespace, self.root, self.fake, self.interval = namespace, root, fake, interval
         self.running: dict[str, RunningPod] = {}
@@ -550,24 +556,34 @@ class Cluster:
             self._last_gc = time.monotonic()
 
     def _step_concurrently(self) -> None:
-        """The same step with each Job and its pods handled in a worker thread (they are independent, and each
-        takes several sequential requests), skipping those with nothing to do."""
+        """The same step with each Job and its pods handled in a worker thread, without waiting for one another
+        (they are independent, and each takes several sequential requests); a Job still being handled, or handled
+        since this look at the informers, waits for the next step; one with nothing to do is skipped."""
+        looked = time.monotonic()
         pods = self._listed("pods")
-        self._stop_vanished({p["metadata"]["uid"] for p in pods})
+        self._stop_vanished(self.informers["pods"].uids)
         jobs = {j["metadata"]["uid"]: j for j in self._listed("jobs")}
         owned = _by_owner(pods)
-        units = [(job, owned.get(uid, [])) for uid, job in jobs.items()]
-        units.append((None, [p for p in pods if not any(o["uid"] in jobs for o in
-                                                        p["metadata"].get("ownerReferences") or [])]))  # fmt: skip
+        units = [(uid, job, owned.get(uid, [])) for uid, job in jobs.items()]
+        units.append(("", None, [p for p in pods if not any(o["uid"] in jobs for o in
+                                                            p["metadata"].get("ownerReferences") or [])]))  # fmt: skip
         assert self._pool is not None
-        futures = [self._pool.submit(self._unit, job, group) for job, group in units if not self._idle(job, group)]
-        for future in futures:
-            future.result()
+        for key, job, group in units:
+            if key in self._busy or self._handled.get(key, 0.0) > looked or self._idle(job, group):
+                continue
+            self._busy.add(key)
+            self._pool.submit(self._unit, key, job, group)
 
-    def _unit(self, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> None:
-        pods = self._kubelet(pods, sweep=False)
-        if job is not None:
-            self._job_controller(job, pods)
+    def _unit(self, key: str, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> None:
+        try:
+            pods = self._kubelet(pods, sweep=False)
+            if job is not None:
+                self._job_controller(job, pods)
+        except Exception:  # recorded and raised at stop(), as in the loop
+            self.errors.append(traceback.format_exc())
+        finally:
+            self._handled[key] = time.monotonic()
+            self._busy.discard(key)
 
     def _idle(self, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> bool:
         """Nothing for the kubelet or the Job controller to do: a finished Job, its pods ended and let go."""
@@ -598,9 +614,12 @@ class Cluster:
 
     # ------------------------------------------------------------------------------------ kubelet
 
-    def _stop_vanished(self, live: set[str]) -> None:
-        for uid, running in list(self.running.items()):
-            if uid not in live:  # gone without the kubelet's say (its finalizer removed by hand): stop it
+    def _stop_vanished(self, live: Callable[[], set[str]]) -> None:
+        """Stop the processes of pods that are gone (`live`: the pods there are, looked at after the processes)."""
+        processes = list(self.running.items())
+        present = live()
+        for uid, running in processes:
+            if uid not in present:  # gone without the kubelet's say (its finalizer removed by hand): stop it
                 self._kill(running, force=running.killed_at is not None
                            and time.monotonic() - running.killed_at > KILL_GRACE_SECONDS)  # fmt: skip
                 if running.process.poll() is not None:
@@ -609,7 +628,7 @@ class Cluster:
     def _kubelet(self, pods: list[dict[str, Any]], sweep: bool = True) -> list[dict[str, Any]]:
         """Run, watch and stop `pods`; `sweep`: these are all the pods (a running one missing was deleted)."""
         if sweep:
-            self._stop_vanished({p["metadata"]["uid"] for p in pods})
+            self._stop_vanished(lambda: {p["metadata"]["uid"] for p in pods})
         for pod in pods:
             running = self.running.get(pod["metadata"]["uid"])
             if running is not None and pod["metadata"].get("deletionTimestamp"):
@@ -928,7 +947,10 @@ class Cluster:
             running = {_index(p) for p in occupying}
             for index in wanted[:parallelism]:
                 if index not in running:
-                    active.append(self._create_pod(job, index if indexed else None))
+                    pod = self._create_pod(job, index if indexed else None)
+                    if self.watch:  # a kubelet at hand starts it at once: the Job's status counts it ready
+                        pod = self._kubelet([pod], sweep=False)[0]
+                    active.append(pod)
         self._write_job_status(job, active, succeeded if indexed else succeeded[:1], len(failed_pods), outcome,
                                len(terminating))  # fmt: skip
 
