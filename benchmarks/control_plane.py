@@ -5,14 +5,16 @@
 What runs: the real API server (`../shared/apiserver/start.sh`, CRDs applied), the real operator process
 (`finetune-operator operator`, tests/cluster.py's OperatorProcess) whose only link to the server is a recording
 proxy (tests/cluster.py's FaultProxy, timestamping each request), and the test cluster's Job controller and kubelet
-with fake stages (tests/cluster.py's Cluster + FakeStages: each stage "runs" for --stage-seconds, then its pod
-succeeds and its Job is marked Complete). The harness talks to the server directly, so every request the proxy
-saw is the operator's. For each N (fresh namespace, fresh operator) it creates N FineTuneJobs as fast as it can and
-waits (bounded) until all are Succeeded, then reports:
+with fake stages (tests/cluster.py's Cluster(watch=True) + FakeStages: each stage "runs" for --stage-seconds, then
+its pod succeeds and its Job is marked Complete; the harness reads pods, Jobs, ConfigMaps and PVCs from watches and
+handles the Jobs side by side, so that it keeps up at a thousand jobs). The harness talks to the server directly,
+so every request the proxy saw is the operator's. For each N (fresh namespace, fresh operator) it creates N
+FineTuneJobs as fast as it can and waits (bounded) until all are Succeeded, then reports:
 
 - first stage: FineTuneJob created -> its prepare Job created (POST answered 201 at the proxy);
 - hand-off: a stage Job's Complete status written by the test Job controller -> the next stage's Job created;
 - finish: the export Job Complete -> the FineTuneJob's status patched to Succeeded;
+- stage run (the harness's share, not the operator's): a stage Job created -> its Complete written;
 - the operator's API requests after the jobs were created, per transition (a transition = a stage Job created
   or a job finished: 5 per job), by verb and resource;
 - reconciles per job (the operator's /metrics: finetune_reconcile_duration_seconds_count), and of those the ones
