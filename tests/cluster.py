@@ -3,7 +3,9 @@ and the operator as a real process.
 
 `../shared/apiserver` is a real Kubernetes API server without controllers (see its README): nothing turns a Job
 into pods, nothing runs a pod, nothing deletes the dependents of a deleted owner. `Cluster` plays those parts
-against the server, over its HTTP API only, in one background thread:
+against the server, over its HTTP API only, in one background thread (with `watch=True`, as the control-plane
+benchmark runs it: pods, Jobs, ConfigMaps and PVCs read from `Informer`s instead of listed on every step, and each
+Job with its pods handled in one of WATCH_WORKERS threads, the Jobs side by side):
 
 - **the Job controller**: for every Job it creates the pods the real one would (generateName, the controller's
   labels and ownerReference; for an Indexed Job one pod per completion index with the completion-index
