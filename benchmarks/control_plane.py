@@ -354,11 +354,17 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def stage_runs(by_stage: dict[str, dict[str, float | None]]) -> str:
+    """The stages' run-time medians as a range ("9-13 s"): the harness's pace, not the operator's."""
+    medians = [v["p50"] for v in by_stage.values() if v.get("p50") is not None]
+    return f"{min(medians):.0f}-{max(medians):.0f} s" if medians else "-"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| jobs (finished) | first stage p50 / p95 / max | hand-off p50 / p95 / max | finish p50 "
-            "| writes / transition (+ Events) | reads / transition | reconciles (planned) / job | RSS idle → peak "
-            "| CPU s / job "
-            "| Jobs once, Events once |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+            "| stage run p50 (by stage) | writes / transition (+ Events) | reads / transition "
+            "| reconciles (planned) / job | RSS idle → peak | CPU s / job "
+            "| Jobs once, Events once |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in results:
         first, handoff = r["firstStage"], r["handoff"]
         finished = r["phases"].get("Succeeded", 0)
@@ -369,6 +375,7 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {r['jobs']} ({finished}) | {fmt(first['p50'])} / {fmt(first['p95'])} / {fmt(first['max'])} s "
             f"| {fmt(handoff['p50'])} / {fmt(handoff['p95'])} / {fmt(handoff['max'])} s | {fmt(r['finish']['p50'])} s "
+            f"| {stage_runs(r.get('stageRun') or {})} "
             f"| {r['writesPerTransition']:.2f} (+ {r['eventPostsPerTransition']:.2f}) | {r['readsPerTransition']:.2f} "
             f"| {r['reconcilesPerJob']:.1f} ({r['plannedPerJob']:.1f}) "
             f"| {r['rssIdleMB']:.0f} → {r['rssPeakMB']:.0f} MB "
