@@ -5,14 +5,16 @@
 What runs: the real API server (`../shared/apiserver/start.sh`, CRDs applied), the real operator process
 (`finetune-operator operator`, tests/cluster.py's OperatorProcess) whose only link to the server is a recording
 proxy (tests/cluster.py's FaultProxy, timestamping each request), and the test cluster's Job controller and kubelet
-with fake stages (tests/cluster.py's Cluster + FakeStages: each stage "runs" for --stage-seconds, then its pod
-succeeds and its Job is marked Complete). The harness talks to the server directly, so every request the proxy
-saw is the operator's. For each N (fresh namespace, fresh operator) it creates N FineTuneJobs as fast as it can and
-waits (bounded) until all are Succeeded, then reports:
+with fake stages (tests/cluster.py's Cluster(watch=True) + FakeStages: each stage "runs" for --stage-seconds, then
+its pod succeeds and its Job is marked Complete; the harness reads pods, Jobs, ConfigMaps and PVCs from watches and
+handles the Jobs side by side, so that it keeps up at a thousand jobs). The harness talks to the server directly,
+so every request the proxy saw is the operator's. For each N (fresh namespace, fresh operator) it creates N
+FineTuneJobs as fast as it can and waits (bounded) until all are Succeeded, then reports:
 
 - first stage: FineTuneJob created -> its prepare Job created (POST answered 201 at the proxy);
 - hand-off: a stage Job's Complete status written by the test Job controller -> the next stage's Job created;
 - finish: the export Job Complete -> the FineTuneJob's status patched to Succeeded;
+- stage run (the harness's share, not the operator's): a stage Job created -> its Complete written;
 - the operator's API requests after the jobs were created, per transition (a transition = a stage Job created
   or a job finished: 5 per job), by verb and resource;
 - reconciles per job (the operator's /metrics: finetune_reconcile_duration_seconds_count), and of those the ones
@@ -48,7 +50,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "operator"),
 
 import psutil  # noqa: E402
 from tests.apiserver import find_apiserver_dir  # noqa: E402
-from tests.cluster import Cluster, FakeStages, FaultProxy, OperatorProcess, Recorded, Rest, free_port  # noqa: E402
+from tests.cluster import (  # noqa: E402
+    Cluster,
+    FakeStages,
+    FaultProxy,
+    Informer,
+    OperatorProcess,
+    Recorded,
+    Rest,
+    free_port,
+)
 
 SPEC: dict[str, Any] = {
     "model": {"source": "hf://org/model", "revision": "abc123"},
@@ -177,7 +188,7 @@ def run_once(kubeconfig: Path, tmp: Path, jobs: int, stage_seconds: float, timeo
                    capture_output=True, timeout=60)  # fmt: skip
     rest = Rest(kubeconfig)
     completed: dict[str, float] = {}  # stage Job name -> when the test Job controller wrote Complete
-    cluster = BenchCluster(kubeconfig, namespace, tmp / namespace, fake=FakeStages(delay=stage_seconds))
+    cluster = BenchCluster(kubeconfig, namespace, tmp / namespace, fake=FakeStages(delay=stage_seconds), watch=True)
     write = cluster.rest.patch
 
     def timed_patch(plural: str, ns: str, name: str, body: dict[str, Any], sub: str | None = None) -> Any:
@@ -245,17 +256,21 @@ def create_jobs(rest: Rest, namespace: str, jobs: int) -> tuple[dict[str, float]
 
 
 def wait_finished(rest: Rest, namespace: str, jobs: int, timeout: float) -> dict[str, str]:
-    """Every FineTuneJob's phase once all are Succeeded or Failed, or when `timeout` runs out."""
+    """Every FineTuneJob's phase once all are Succeeded or Failed, or when `timeout` runs out (read from a watch:
+    listing a thousand jobs every second would load the server the operator is measured on)."""
     deadline = time.monotonic() + timeout
-    while True:
-        phases = {j["metadata"]["name"]: (j.get("status") or {}).get("phase", "") for j in
-                  rest.list("finetunejobs", namespace)}  # fmt: skip
-        finished = sum(1 for p in phases.values() if p in ("Succeeded", "Failed"))
-        if finished == jobs or time.monotonic() > deadline:
-            if finished < jobs:
-                print(f"  timed out after {timeout:.0f}s: {finished}/{jobs} finished", file=sys.stderr)
-            return phases
-        time.sleep(1.0)
+    informer = Informer(rest, "finetunejobs", namespace).start()
+    try:
+        while True:
+            phases = {j["metadata"]["name"]: (j.get("status") or {}).get("phase", "") for j in informer.items()}
+            finished = sum(1 for p in phases.values() if p in ("Succeeded", "Failed"))
+            if finished == jobs or time.monotonic() > deadline:
+                if finished < jobs:
+                    print(f"  timed out after {timeout:.0f}s: {finished}/{jobs} finished", file=sys.stderr)
+                return phases
+            time.sleep(1.0)
+    finally:
+        informer.stop()
 
 
 def analyse(requests: list[tuple[float, Recorded]], created: dict[str, float], completed: dict[str, float],
@@ -279,8 +294,12 @@ def analyse(requests: list[tuple[float, Recorded]], created: dict[str, float], c
             if phase in ("Succeeded", "Failed"):
                 succeeded_at.setdefault(name, at)
     first, handoff, finish = [], [], []
+    running: dict[str, list[float]] = collections.defaultdict(list)  # stage -> Job created -> Complete (harness)
     for name, stages in stage_jobs.items():
         stages.sort()
+        for at, stage, job_name in stages:
+            if job_name in completed:
+                running[stage].append(completed[job_name] - at)
         if name in created and stages[0][1] == "prepare":
             first.append(stages[0][0] - created[name])
         for (_, _, done), (next_at, _, _) in itertools.pairwise(stages):
@@ -298,6 +317,7 @@ def analyse(requests: list[tuple[float, Recorded]], created: dict[str, float], c
         "firstStage": percentiles(first),
         "handoff": percentiles(handoff),
         "finish": percentiles(finish),
+        "stageRun": {stage: percentiles(values) for stage, values in running.items()},
         "transitions": transitions,
         "writesPerTransition": writes / max(transitions, 1),
         "eventPostsPerTransition": by_call[("create", "events")] / max(transitions, 1),
@@ -334,11 +354,17 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def stage_runs(by_stage: dict[str, dict[str, float | None]]) -> str:
+    """The stages' run-time medians as a range ("9-13 s"): the harness's pace, not the operator's."""
+    medians = [v["p50"] for v in by_stage.values() if v.get("p50") is not None]
+    return f"{min(medians):.0f}-{max(medians):.0f} s" if medians else "-"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| jobs (finished) | first stage p50 / p95 / max | hand-off p50 / p95 / max | finish p50 "
-            "| writes / transition (+ Events) | reads / transition | reconciles (planned) / job | RSS idle → peak "
-            "| CPU s / job "
-            "| Jobs once, Events once |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+            "| stage run p50 (by stage) | writes / transition (+ Events) | reads / transition "
+            "| reconciles (planned) / job | RSS idle → peak | CPU s / job "
+            "| Jobs once, Events once |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in results:
         first, handoff = r["firstStage"], r["handoff"]
         finished = r["phases"].get("Succeeded", 0)
@@ -349,6 +375,7 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {r['jobs']} ({finished}) | {fmt(first['p50'])} / {fmt(first['p95'])} / {fmt(first['max'])} s "
             f"| {fmt(handoff['p50'])} / {fmt(handoff['p95'])} / {fmt(handoff['max'])} s | {fmt(r['finish']['p50'])} s "
+            f"| {stage_runs(r.get('stageRun') or {})} "
             f"| {r['writesPerTransition']:.2f} (+ {r['eventPostsPerTransition']:.2f}) | {r['readsPerTransition']:.2f} "
             f"| {r['reconcilesPerJob']:.1f} ({r['plannedPerJob']:.1f}) "
             f"| {r['rssIdleMB']:.0f} → {r['rssPeakMB']:.0f} MB "

@@ -3,7 +3,9 @@ and the operator as a real process.
 
 `../shared/apiserver` is a real Kubernetes API server without controllers (see its README): nothing turns a Job
 into pods, nothing runs a pod, nothing deletes the dependents of a deleted owner. `Cluster` plays those parts
-against the server, over its HTTP API only, in one background thread:
+against the server, over its HTTP API only, in one background thread (with `watch=True`, as the control-plane
+benchmark runs it: pods, Jobs, ConfigMaps and PVCs read from `Informer`s instead of listed on every step, and each
+Job with its pods handled in one of WATCH_WORKERS threads, the Jobs side by side):
 
 - **the Job controller**: for every Job it creates the pods the real one would (generateName, the controller's
   labels and ownerReference; for an Indexed Job one pod per completion index with the completion-index
@@ -47,6 +49,7 @@ endpoints, the Job's activeDeadlineSeconds, and Kueue/Volcano.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -83,6 +86,10 @@ KILL_GRACE_SECONDS = 5.0
 MAX_GRACE_SECONDS = 60.0
 """A pod's terminationGracePeriodSeconds is honoured up to this bound (the operator's default is 300 s)."""
 KUBELET_FINALIZER = "test.finetune.dev/kubelet"
+WATCHED = ("pods", "jobs", "configmaps", "persistentvolumeclaims")
+"""What a Cluster(watch=True) reads from informers."""
+WATCH_WORKERS = 8
+"""Threads of a Cluster(watch=True): each Job with its pods is handled in one, the Jobs side by side."""
 RETRIES = 5
 
 GROUPS = {
@@ -130,7 +137,7 @@ class ApiError(Exception):
 class Rest:
     """A small JSON client over the kubeconfig's TLS settings (dicts in, dicts out, no models)."""
 
-    def __init__(self, kubeconfig: Path) -> None:
+    def __init__(self, kubeconfig: Path, connections: int = 4) -> None:
         config = yaml.safe_load(kubeconfig.read_text())
         context = next(c["context"] for c in config["contexts"] if c["name"] == config["current-context"])
         cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
@@ -139,7 +146,7 @@ class Rest:
         self.tls = {"ca": cluster["certificate-authority"], "cert": user["client-certificate"],
                     "key": user["client-key"]}  # fmt: skip
         self.http = urllib3.PoolManager(
-            maxsize=4,
+            maxsize=connections,
             cert_reqs="CERT_REQUIRED",
             ca_certs=self.tls["ca"],
             cert_file=self.tls["cert"],
@@ -196,6 +203,170 @@ class Rest:
 
     def close(self) -> None:
         self.http.clear()
+
+
+class Informer:
+    """One kind of one namespace, kept current by a list and then a watch (in a thread), as client-go's informers
+    do: reading it costs no request. The harness's own writes are put in at once (`put`), so its next step never
+    acts on what it has already changed; an older copy (a late watch event) never replaces a newer one."""
+
+    WATCH_SECONDS = 30
+    """The server closes each watch after this long; it is reopened from the last resourceVersion seen."""
+
+    def __init__(self, rest: Rest, plural: str, namespace: str) -> None:
+        self.rest, self.plural, self.namespace = rest, plural, namespace
+        self.http = urllib3.PoolManager(maxsize=1, cert_reqs="CERT_REQUIRED", ca_certs=rest.tls["ca"],
+                                        cert_file=rest.tls["cert"], key_file=rest.tls["key"], retries=False,
+                                        timeout=urllib3.Timeout(connect=5, read=self.WATCH_SECONDS + 15))  # fmt: skip
+        self.objects: dict[str, dict[str, Any]] = {}  # uid -> the newest copy seen
+        self.names: dict[str, str] = {}  # name -> uid
+        self.errors: list[str] = []
+        self._deleted: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._synced = threading.Event()
+        self._response: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 30) -> Informer:
+        self._thread = threading.Thread(target=self._run, name=f"informer-{self.plural}", daemon=True)
+        self._thread.start()
+        if not self._synced.wait(timeout):
+            raise AssertionError(f"the {self.plural} informer did not list within {timeout:.0f}s: {self.errors[-1:]}")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.shutdown()  # unblocks the watch's read
+        if self._thread:
+            self._thread.join(15)
+        self.http.clear()
+
+    def items(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.objects.values())
+
+    def uids(self) -> set[str]:
+        with self._lock:
+            return set(self.objects)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            uid = self.names.get(name)
+            return self.objects.get(uid) if uid else None
+
+    def put(self, obj: dict[str, Any]) -> None:
+        """A copy of an object as the server answered a write (or a watch event): kept if it is newer."""
+        meta = obj.get("metadata") or {}
+        uid = meta.get("uid")
+        if not uid or obj.get("kind") == "Status":
+            return
+        with self._lock:
+            if uid in self._deleted:
+                return
+            known = self.objects.get(uid)
+            if known is None or _version(obj) >= _version(known):
+                self.objects[uid] = obj
+                self.names[meta["name"]] = uid
+
+    def _forget(self, obj: dict[str, Any]) -> None:
+        uid, name = obj["metadata"]["uid"], obj["metadata"]["name"]
+        with self._lock:
+            self._deleted.add(uid)
+            self.objects.pop(uid, None)
+            if self.names.get(name) == uid:
+                del self.names[name]
+
+    def _run(self) -> None:
+        version = ""
+        while not self._stop.is_set():
+            try:
+                if not version:
+                    version = self._list()
+                version = self._watch(version)
+            except Exception:  # recorded (Cluster.stop() raises them if they persist); reopened after a pause
+                if self._stop.is_set():
+                    return
+                self.errors.append(traceback.format_exc())
+                version = ""
+                self._stop.wait(0.5)
+
+    def _list(self) -> str:
+        answer = self.rest.request("GET", Rest.path(self.plural, self.namespace))
+        listed = {o["metadata"]["uid"]: o for o in answer["items"]}
+        with self._lock:
+            for uid in [u for u in self.objects if u not in listed]:  # gone while no watch was open
+                self._deleted.add(uid)
+                name = self.objects.pop(uid)["metadata"]["name"]
+                if self.names.get(name) == uid:
+                    del self.names[name]
+        for obj in listed.values():
+            self.put(obj)
+        self._synced.set()
+        return str(answer["metadata"]["resourceVersion"])
+
+    def _watch(self, version: str) -> str:
+        """Apply the watch's events until the server ends it; the resourceVersion to go on from ("" to list again)."""
+        query = urllib.parse.urlencode({"watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true",
+                                        "timeoutSeconds": self.WATCH_SECONDS})  # fmt: skip
+        url = self.rest.server + Rest.path(self.plural, self.namespace) + "?" + query
+        response = self.http.request("GET", url, preload_content=False)
+        self._response = response
+        try:
+            if response.status != 200:
+                return "" if response.status == 410 else version
+            buffer = b""
+            for chunk in response.stream(64 * 1024):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        version = self._apply(json.loads(line), version)
+                        if not version:
+                            return ""
+                if self._stop.is_set():
+                    break
+            return version
+        finally:
+            self._response = None
+            response.release_conn()
+
+    def _apply(self, event: dict[str, Any], version: str) -> str:
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            return "" if obj.get("code") == 410 else version  # expired: list again
+        if kind == "DELETED":
+            self._forget(obj)
+        elif kind in ("ADDED", "MODIFIED"):
+            self.put(obj)
+        return str((obj.get("metadata") or {}).get("resourceVersion") or version)
+
+
+def _version(obj: dict[str, Any]) -> int:
+    """resourceVersion as a number: this server's are etcd revisions (opaque in general, ordered here)."""
+    return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+
+
+class CachingRest(Rest):
+    """A Rest whose answers to writes of watched kinds go into their informers at once."""
+
+    def __init__(self, kubeconfig: Path, connections: int = 4) -> None:
+        super().__init__(kubeconfig, connections)
+        self.informers: dict[str, Informer] = {}
+
+    def create(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._seen(plural, super().create(plural, namespace, body))
+
+    def patch(self, plural: str, namespace: str, name: str, body: dict[str, Any], sub: str | None = None) -> Any:
+        return self._seen(plural, super().patch(plural, namespace, name, body, sub))
+
+    def _seen(self, plural: str, answer: Any) -> Any:
+        if plural in self.informers and isinstance(answer, dict):
+            self.informers[plural].put(answer)
+        return answer
 
 
 # ---------------------------------------------------------------------------------------------- fake stages
@@ -290,8 +461,15 @@ class Cluster:
     """The Job controller, the kubelet and the garbage collector for one namespace of the real server."""
 
     def __init__(self, kubeconfig: Path, namespace: str, root: Path, fake: FakeStages | None = None,
-                 interval: float = 0.2) -> None:  # fmt: skip
-        self.rest = Rest(kubeconfig)
+                 interval: float = 0.2, watch: bool = False) -> None:  # fmt: skip
+        """`watch`: read pods and Jobs from informers (a list, then a watch) instead of listing both on every step:
+        what lets the harness keep up with a thousand FineTuneJobs (the benchmark); the garbage collector lists."""
+        self.rest: Rest = CachingRest(kubeconfig, WATCH_WORKERS + 2) if watch else Rest(kubeconfig)
+        self.watch = watch
+        self._pool = concurrent.futures.ThreadPoolExecutor(WATCH_WORKERS, "cluster") if watch else None
+        self._busy: set[str] = set()  # Job uids being handled by a worker
+        self._handled: dict[str, float] = {}  # Job uid -> when a worker last finished with it
+        self.informers: dict[str, Informer] = {}
         self.namespace, self.root, self.fake, self.interval = namespace, root, fake, interval
         self.running: dict[str, RunningPod] = {}
         self.errors: list[str] = []
@@ -299,6 +477,7 @@ class Cluster:
         self.processes_started: list[tuple[str, str]] = []  # (stage label, pod name)
         self.deleted_by_gc: list[tuple[str, str]] = []
         self._ended: dict[str, dict[str, dict[str, Any]]] = {}  # Job uid -> pod uid -> the ended pod
+        self._final_logs: dict[str, str] = {}  # pod uid -> its log tail, published when the pod is let go
         self._stopped_by_controller: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -319,6 +498,11 @@ class Cluster:
         self.stop()
 
     def start(self) -> None:
+        if self.watch:
+            assert isinstance(self.rest, CachingRest)
+            for plural in WATCHED:
+                self.informers[plural] = self.rest.informers[plural] = Informer(self.rest, plural, self.namespace)
+                self.informers[plural].start()
         self._thread = threading.Thread(target=self._loop, name=f"cluster-{self.namespace}", daemon=True)
         self._thread.start()
 
@@ -327,6 +511,12 @@ class Cluster:
         self._stop.set()
         if self._thread:
             self._thread.join(30)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for informer in self.informers.values():
+            informer.stop()
+            if len(informer.errors) > 5:  # a watch that kept failing, not one reopened after a hiccup
+                self.errors.extend(informer.errors[-2:])
         for pod in list(self.running.values()):
             self._kill(pod, force=False)
         deadline = time.monotonic() + KILL_GRACE_SECONDS
@@ -363,27 +553,95 @@ class Cluster:
             self._stop.wait(self.interval)
 
     def step(self) -> None:
-        pods = self.rest.list("pods", self.namespace)
-        pods = self._kubelet(pods)
-        jobs = self.rest.list("jobs", self.namespace)
-        for job in jobs:
-            self._job_controller(job, [p for p in pods if _owned_by(p, job)])
+        if self._pool is None:
+            pods = self._kubelet(self._listed("pods"))
+            owned = _by_owner(pods)
+            for job in self._listed("jobs"):
+                self._job_controller(job, owned.get(job["metadata"]["uid"], []))
+        else:
+            self._step_concurrently()
         if time.monotonic() - self._last_gc > 4 * self.interval:
             self._garbage_collect()
             self._last_gc = time.monotonic()
 
+    def _step_concurrently(self) -> None:
+        """The same step with each Job and its pods handled in a worker thread, without waiting for one another
+        (they are independent, and each takes several sequential requests); a Job still being handled, or handled
+        since this look at the informers, waits for the next step; one with nothing to do is skipped."""
+        looked = time.monotonic()
+        pods = self._listed("pods")
+        self._stop_vanished(self.informers["pods"].uids)
+        jobs = {j["metadata"]["uid"]: j for j in self._listed("jobs")}
+        owned = _by_owner(pods)
+        units = [(uid, job, owned.get(uid, [])) for uid, job in jobs.items()]
+        units.append(("", None, [p for p in pods if not any(o["uid"] in jobs for o in
+                                                            p["metadata"].get("ownerReferences") or [])]))  # fmt: skip
+        assert self._pool is not None
+        for key, job, group in units:
+            if key in self._busy or self._handled.get(key, 0.0) > looked or self._idle(job, group):
+                continue
+            self._busy.add(key)
+            self._pool.submit(self._unit, key, job, group)
+
+    def _unit(self, key: str, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> None:
+        try:
+            pods = self._kubelet(pods, sweep=False)
+            if job is not None:
+                self._job_controller(job, pods)
+        except Exception:  # recorded and raised at stop(), as in the loop
+            self.errors.append(traceback.format_exc())
+        finally:
+            self._handled[key] = time.monotonic()
+            self._busy.discard(key)
+
+    def _idle(self, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> bool:
+        """Nothing for the kubelet or the Job controller to do: a finished Job, its pods ended and let go."""
+        if job is not None:
+            status = job.get("status") or {}
+            finished = _condition(status, "Complete") or _condition(status, "Failed")
+            if not finished and not job["metadata"].get("deletionTimestamp"):
+                return False
+        for pod in pods:
+            meta = pod["metadata"]
+            if meta["uid"] in self.running or KUBELET_FINALIZER in (meta.get("finalizers") or []):
+                return False
+            ended = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            if not ended and not meta.get("deletionTimestamp"):
+                return False
+        return True
+
+    def _get(self, plural: str, name: str) -> dict[str, Any] | None:
+        """An object by name: from its informer when it has it (one the watch has not brought yet is read)."""
+        informer = self.informers.get(plural)
+        found = informer.get(name) if informer is not None else None
+        return found if found is not None else self.rest.get(plural, self.namespace, name)
+
+    def _listed(self, plural: str) -> list[dict[str, Any]]:
+        if plural in self.informers:
+            return self.informers[plural].items()
+        return self.rest.list(plural, self.namespace)
+
     # ------------------------------------------------------------------------------------ kubelet
 
-    def _kubelet(self, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        live = {p["metadata"]["uid"]: p for p in pods}
-        for uid, running in list(self.running.items()):
-            pod = live.get(uid)
-            if pod is None:  # gone without the kubelet's say (its finalizer removed by hand): stop it
+    def _stop_vanished(self, live: Callable[[], set[str]]) -> None:
+        """Stop the processes of pods that are gone (`live`: the pods there are, looked at after the processes)."""
+        processes = list(self.running.items())
+        present = live()
+        for uid, running in processes:
+            if uid not in present:  # gone without the kubelet's say (its finalizer removed by hand): stop it
                 self._kill(running, force=running.killed_at is not None
                            and time.monotonic() - running.killed_at > KILL_GRACE_SECONDS)  # fmt: skip
                 if running.process.poll() is not None:
                     del self.running[uid]
-            elif pod["metadata"].get("deletionTimestamp"):  # graceful deletion: SIGTERM, the grace period, SIGKILL
+
+    def _kubelet(self, pods: list[dict[str, Any]], sweep: bool = True) -> list[dict[str, Any]]:
+        """Run, watch and stop `pods`; `sweep`: these are all the pods (a running one missing was deleted)."""
+        if sweep:
+            self._stop_vanished(lambda: {p["metadata"]["uid"] for p in pods})
+        for pod in pods:
+            running = self.running.get(pod["metadata"]["uid"])
+            if running is not None and pod["metadata"].get("deletionTimestamp"):
+                # graceful deletion: SIGTERM, the grace period, SIGKILL
                 self._kill(running, force=running.killed_at is not None
                            and time.monotonic() - running.killed_at > grace_seconds(pod))  # fmt: skip
         out = []
@@ -401,12 +659,19 @@ class Cluster:
     def _release(self, pod: dict[str, Any]) -> dict[str, Any]:
         """The container has stopped and its final status is written: the pod may go (a deleted one goes now)."""
         left = [f for f in pod["metadata"]["finalizers"] if f != KUBELET_FINALIZER]
-        body = {"metadata": {"finalizers": left or None, "resourceVersion": pod["metadata"]["resourceVersion"]}}
+        body: dict[str, Any] = {"metadata": {"finalizers": left or None,
+                                             "resourceVersion": pod["metadata"]["resourceVersion"]}}  # fmt: skip
+        final_log = self._final_logs.get(pod["metadata"]["uid"])
+        if final_log is not None:  # the log's last lines go with the release: one write, not two
+            body["metadata"]["annotations"] = {LOG_ANNOTATION: final_log}
         try:
             self.rest.patch("pods", self.namespace, pod["metadata"]["name"], body)
         except ApiError as exc:
             if exc.status not in (404, 409):  # gone, or changed meanwhile: the next step tries again
                 raise
+            if exc.status == 409:
+                return pod
+        self._final_logs.pop(pod["metadata"]["uid"], None)
         return pod  # as last seen: the Job controller counts it in this step even when it is now gone
 
     def _start_pod(self, pod: dict[str, Any]) -> dict[str, Any]:
@@ -419,15 +684,17 @@ class Cluster:
         except PodNotReady as exc:
             return self._pending(pod, str(exc))
         # On a node a deleted pod stays (Terminating) until its containers have stopped; this server deletes a pod
-        # at once, so the kubelet holds it with a finalizer until the process has exited and its status is final.
-        finalizers = [*(meta.get("finalizers") or []), KUBELET_FINALIZER]
-        try:
-            hold = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
-            self.rest.patch("pods", self.namespace, meta["name"], hold)
-        except ApiError as exc:
-            if exc.status in (404, 409):  # deleted or changed since listed: the next step sees it as it is
-                return pod
-            raise
+        # at once, so the kubelet holds it with a finalizer until the process has exited and its status is final
+        # (the test Job controller creates its pods with it; a pod made otherwise gets it here).
+        if KUBELET_FINALIZER not in (meta.get("finalizers") or []):
+            try:
+                hold = {"metadata": {"finalizers": [*(meta.get("finalizers") or []), KUBELET_FINALIZER],
+                                     "resourceVersion": meta["resourceVersion"]}}  # fmt: skip
+                self.rest.patch("pods", self.namespace, meta["name"], hold)
+            except ApiError as exc:
+                if exc.status in (404, 409):  # deleted or changed since listed: the next step sees it as it is
+                    return pod
+                raise
         termination = root / "termination-log"
         log = root / "container.log"
         stage = (meta.get("labels") or {}).get("finetune.dev/stage", "")
@@ -457,7 +724,13 @@ class Cluster:
                  "state": {"running": {"startedAt": started}}}
             ],
         }  # fmt: skip
-        return self.rest.patch("pods", self.namespace, meta["name"], {"status": status}, sub="status")
+        try:
+            return self.rest.patch("pods", self.namespace, meta["name"], {"status": status}, sub="status")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            self._kill(self.running.pop(meta["uid"]), force=True)  # gone meanwhile (its hold removed by hand)
+            return pod
 
     def _pending(self, pod: dict[str, Any], why: str) -> dict[str, Any]:
         container = pod["spec"]["containers"][0]
@@ -483,7 +756,7 @@ class Cluster:
             volume = volumes[mount["name"]]
             if "configMap" in volume:
                 name = volume["configMap"]["name"]
-                config_map = self.rest.get("configmaps", self.namespace, name)
+                config_map = self._get("configmaps", name)
                 if config_map is None:
                     raise PodNotReady(f"ContainerCreating: configmap {name!r} not found")
                 host = root / "volumes" / mount["name"]
@@ -496,7 +769,7 @@ class Cluster:
                 host.mkdir(parents=True)
             elif "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
-                if self.rest.get("persistentvolumeclaims", self.namespace, claim) is None:
+                if self._get("persistentvolumeclaims", claim) is None:
                     raise PodNotReady(f"ContainerCreating: persistentvolumeclaim {claim!r} not found")
                 host = self.volume(claim)
             else:
@@ -541,7 +814,7 @@ class Cluster:
             if secret is None:
                 raise PodNotReady(f"CreateContainerConfigError: secret {name!r} not found")
             return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
-        config_map = self.rest.get("configmaps", self.namespace, name)
+        config_map = self._get("configmaps", name)
         if config_map is None:
             raise PodNotReady(f"CreateContainerConfigError: configmap {name!r} not found")
         return dict(config_map.get("data") or {})
@@ -564,7 +837,8 @@ class Cluster:
             if size != running.published and time.monotonic() - running.published_at > 1.0:
                 return self._publish_log(pod, running, size)
             return pod
-        pod = self._publish_log(pod, running, size)
+        if size != running.published:
+            self._final_logs[running.uid] = log_tail(running.log, LOG_LINES_PUBLISHED)
         del self.running[running.uid]
         finished = now_stamp()
         message = running.termination.read_bytes()[:TERMINATION_LIMIT].decode(errors="replace")
@@ -675,7 +949,10 @@ class Cluster:
             running = {_index(p) for p in occupying}
             for index in wanted[:parallelism]:
                 if index not in running:
-                    active.append(self._create_pod(job, index if indexed else None))
+                    pod = self._create_pod(job, index if indexed else None)
+                    if self.watch:  # a kubelet at hand starts it at once: the Job's status counts it ready
+                        pod = self._kubelet([pod], sweep=False)[0]
+                    active.append(pod)
         self._write_job_status(job, active, succeeded if indexed else succeeded[:1], len(failed_pods), outcome,
                                len(terminating))  # fmt: skip
 
@@ -727,6 +1004,7 @@ class Cluster:
                 "annotations": annotations,
                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid,
                                      "controller": True, "blockOwnerDeletion": True}],
+                "finalizers": [KUBELET_FINALIZER],  # the kubelet's hold (see _start_pod), set in the same write
             },
             "spec": spec,
         }  # fmt: skip
@@ -877,8 +1155,12 @@ def log_tail(path: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _owned_by(pod: dict[str, Any], job: dict[str, Any]) -> bool:
-    return any(o["uid"] == job["metadata"]["uid"] for o in pod["metadata"].get("ownerReferences") or [])
+def _by_owner(pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    owned: dict[str, list[dict[str, Any]]] = {}
+    for pod in pods:
+        for owner in pod["metadata"].get("ownerReferences") or []:
+            owned.setdefault(owner["uid"], []).append(pod)
+    return owned
 
 
 def _index(pod: dict[str, Any]) -> int:

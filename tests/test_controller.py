@@ -158,3 +158,36 @@ def test_a_status_that_differs_only_in_progress_updated_at_is_not_written_again(
     moved = {"phase": "Training", "progress": {"step": 6, "updatedAt": "2026-11-27T10:00:05Z"}}
     assert controller._comparable(before) == controller._comparable(same)
     assert controller._comparable(before) != controller._comparable(moved)
+
+
+@pytest.mark.asyncio
+async def test_in_a_burst_a_stage_create_goes_before_status_writes_and_events():
+    """The worker threads take the most urgent waiting call first: with every thread busy, a next stage's create
+    queued last still runs before the status write and the Event queued ahead of it."""
+    executor = controller.PriorityExecutor(1, "test")
+    state = State(api=KubeApi(), executor=executor)
+    gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+
+    def hold() -> None:
+        asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(5)
+
+    busy = asyncio.ensure_future(state.call(hold))
+    await asyncio.sleep(0.05)  # the one thread is taken
+    calls = [
+        asyncio.ensure_future(state.post(order.append, "event")),
+        asyncio.ensure_future(state.call(order.append, "status", priority=controller.STATUS)),
+        asyncio.ensure_future(state.call(order.append, "create")),
+    ]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(busy, *calls), 5)
+    assert order == ["create", "status", "event"]
+    running = executor.submit_with(controller.HAND_OFF, time.sleep, 0.2)
+    await asyncio.sleep(0.05)
+    queued = executor.submit_with(controller.EVENT, order.append, "late")
+    executor.shutdown(wait=True, cancel_futures=True)  # what runs finishes, what waits is dropped
+    assert running.done() and queued.cancelled() and "late" not in order
+    with pytest.raises(RuntimeError):
+        executor.submit(order.append, "after shutdown")

@@ -21,9 +21,13 @@ import concurrent.futures
 import contextvars
 import datetime as dt
 import functools
+import itertools
 import logging
+import math
 import os
+import queue
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,14 +56,16 @@ REPORT_AFTER = 3
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 60.0
 API_THREADS = 16
-"""Worker threads for the blocking client: enough that slow calls of some jobs do not queue the others'."""
+"""Worker threads for the blocking client: enough that slow calls of some jobs do not queue the others'. They take
+the most urgent call first (see PriorityExecutor): a stage's creates, then status writes, then Events."""
+HAND_OFF, STATUS, EVENT = 0, 1, 2
+"""Priorities of the calls in the worker threads, most urgent first. In a burst of hand-offs (jobs created
+together finish their stages together) the server is the bottleneck: every Event posted or status written ahead
+of a next stage's Job delays that Job's start."""
 LOG_THREADS = 4
 """Worker threads for train log reads, apart from the API_THREADS: with a hundred jobs training, reads that each
 wait up to their timeout filled the shared pool and every hand-off queued behind them. Reads beyond these wait
 their turn (progress comes later; nothing else does)."""
-EVENT_THREADS = 4
-"""Worker threads for posting Events, apart from the API_THREADS: Events are 40% of the operator's calls, and in a
-burst of hand-offs the next stage's Jobs must not wait behind the last stage's Events."""
 Key = tuple[str, str]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -103,13 +109,17 @@ class State:
     """Per job, the inputs of its last pass that found nothing to do: the same inputs again (a pod turning Running,
     the echo of our own status write) need no planning until the job is due."""
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+    async def call(self, fn: Callable[..., T], *args: Any, priority: int = HAND_OFF) -> T:
+        call = functools.partial(fn, *args)
+        if isinstance(self.executor, PriorityExecutor):
+            return await asyncio.wrap_future(self.executor.submit_with(priority, call))
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
     async def post(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.event_executor or self.executor, functools.partial(fn, *args))
+        if self.event_executor is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.event_executor, functools.partial(fn, *args))
+        return await self.call(fn, *args, priority=EVENT)
 
     async def read_log(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -139,13 +149,68 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.metrics = memo.get("metrics") or OperatorMetrics(phases=lambda: _phases(memo))
     memo.state = State(
         api=memo.api,
-        executor=concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube"),
+        executor=PriorityExecutor(API_THREADS, "kube"),
         log_executor=concurrent.futures.ThreadPoolExecutor(LOG_THREADS, thread_name_prefix="kube-log"),
-        event_executor=concurrent.futures.ThreadPoolExecutor(EVENT_THREADS, thread_name_prefix="kube-event"),
     )
     port = memo.get("metrics_port")
     memo.stop_metrics = memo.metrics.serve(port) if port else None
     memo.poller = asyncio.create_task(_poll(memo))
+
+
+class PriorityExecutor(concurrent.futures.Executor):
+    """Worker threads that take the most urgent waiting call first (lowest priority number; in submission order
+    among equals). Calls already running are not interrupted."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._queue: queue.PriorityQueue[tuple[float, int, Any]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        self._closed = False
+        for thread in self._threads:
+            thread.start()
+
+    def submit_with(
+        self, priority: int, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        if self._closed:
+            raise RuntimeError("cannot schedule new calls after shutdown")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((priority, next(self._order), (future, fn, args, kwargs)))
+        return future
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        return self.submit_with(STATUS, fn, *args, **kwargs)
+
+    def _work(self) -> None:
+        while True:
+            _, _, item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the awaiting caller, as ThreadPoolExecutor does
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    _, _, item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in self._threads:
+            self._queue.put((math.inf, next(self._order), None))
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -408,7 +473,7 @@ async def _report(key: Key, memo: kopf.Memo, error: str) -> bool:
         return True
     status = report_api_error(job, message[:1000], dt.datetime.now(dt.UTC)).wire()
     try:
-        written = await memo.state.call(memo.api.write_status, key[0], key[1], status)
+        written = await memo.state.call(memo.api.write_status, key[0], key[1], status, priority=STATUS)
     except ApiCallError as exc:  # the status write is what fails: the Event has said it
         log.warning("cannot show the error on %s/%s: %s", *key, exc)
         return True
@@ -558,7 +623,7 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
     unchanged = _comparable(status) in (_comparable(previous), _comparable(body.get("status") or None))
     if unchanged:
         status = previous or body.get("status") or status  # nothing but progress.updatedAt: no write
-    elif not await state.call(api.write_status, key[0], key[1], status):
+    elif not await state.call(api.write_status, key[0], key[1], status, priority=STATUS):
         return  # the job is gone
     memo.metrics.record(previous or body.get("status"), status, (body.get("metadata") or {}).get("creationTimestamp"))
     memo.written[key] = {"uid": job.uid, "status": status}
@@ -653,7 +718,7 @@ async def _refuse(api: KubeApi, key: Key, body: dict[str, Any], memo: kopf.Memo,
     status = FineTuneJobStatus.model_validate(body.get("status") or {}).wire() if _valid_status(body) else {}
     status.update(phase="Failed", message=message)
     if (memo.written.get(key) or {}).get("status") != status:
-        await memo.state.call(api.write_status, key[0], key[1], status)
+        await memo.state.call(api.write_status, key[0], key[1], status, priority=STATUS)
         await _post_events(memo, body, [("Warning", "InvalidSpec", message)])
     memo.written[key] = {"uid": (body.get("metadata") or {}).get("uid"), "status": status}
     memo.state.due.pop(key, None)  # nothing to revisit until the spec is edited (an event)

@@ -292,7 +292,7 @@ class KubeApi:
         what = f"{kind} {ns}/{name}"
         create, read, delete = self._kind(kind, obj.get("apiVersion", "v1"))
         try:
-            self.call(f"create {what}", create, ns, obj)
+            self._write(f"create {what}", create, ns, obj)
             return "created"
         except ApiCallError as exc:
             if exc.status != 409:
@@ -302,7 +302,7 @@ class KubeApi:
         except ApiCallError as exc:
             if exc.status != 404:
                 raise
-            self.call(f"create {what}", create, ns, obj)  # it went away in between
+            self._write(f"create {what}", create, ns, obj)  # it went away in between
             return "created"
         verdict = _compare(existing, obj)
         if verdict == "same":
@@ -331,12 +331,19 @@ class KubeApi:
             if exc.status not in (404, 409):
                 raise
         try:
-            self.call(f"create {what}", create, ns, obj)
+            self._write(f"create {what}", create, ns, obj)
         except ApiCallError as exc:
             if exc.status == 409:  # still terminating (finalizers): try again on the next reconcile
                 raise ApiCallError(f"create {what}", "a stale object of that name is still being deleted", 503) from exc
             raise
         return "replaced"
+
+    def _write(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """A write whose answer is not needed: not decoded into the client's models (for a stage Job that costs
+        more CPU than the rest of the hand-off), only drained so that the connection goes back to the pool."""
+        reply = self.call(action, fn, *args, _preload_content=False, **kwargs)
+        reply.read()
+        reply.release_conn()
 
     def _delete(self, action: str, fn: Any, *args: Any, propagation: str = "Background") -> None:
         try:
@@ -429,7 +436,7 @@ class KubeApi:
         replacing the whole status can, and it needs no knowledge of what the server holds now.
         """
         try:
-            self.call(
+            self._write(
                 f"write status of FineTuneJob {namespace}/{name}",
                 self.custom.patch_namespaced_custom_object_status,
                 resource[0],
@@ -478,7 +485,7 @@ class KubeApi:
             "count": 1,
         }
         try:
-            self.call(
+            self._write(
                 f"post Event {reason} for {namespace}/{meta.get('name')}",
                 self.core.create_namespaced_event,
                 namespace,
