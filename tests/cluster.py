@@ -73,7 +73,8 @@ from typing import Any
 import urllib3
 import yaml
 
-from finetune_operator.prefork import RUNTIME_ONLY_ENV, Launcher
+# die_with_parent (as preexec_fn): a killed test run leaves no operator or stage process behind.
+from finetune_operator.prefork import RUNTIME_ONLY_ENV, Launcher, die_with_parent
 from finetune_operator.stages.runner import stage_environment
 
 LOG_ANNOTATION = "test.finetune.dev/log"
@@ -1367,15 +1368,6 @@ def _json_or_none(body: bytes) -> Any:
 
 
 # -------------------------------------------------------------------------------------- the operator
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child is SIGKILLed when the process (thread) that started it dies, even by SIGKILL, so a
-    killed test run leaves no operator or stage process behind (Linux)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:

@@ -94,7 +94,6 @@ class PreforkServer:
     """One warm server process and the children it forked; talks over a SEQPACKET socket pair."""
 
     def __init__(self, env: dict[str, str], core: tuple[str, ...] = CORE, later: tuple[str, ...] = LATER) -> None:
-        self.env = env
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
         argv = [str(theirs.fileno()), str(os.getpid()), ",".join(core), ",".join(later)]
@@ -153,8 +152,7 @@ class PreforkServer:
             raise OSError(f"the prefork server did not answer within {timeout:.0f} s") from None
         if "error" in reply:
             raise OSError(reply["error"])
-        child = self._child(int(reply["pid"]))
-        return child
+        return self._child(int(reply["pid"]))
 
     def alive(self) -> bool:
         return not self._closed and self._process.poll() is None
