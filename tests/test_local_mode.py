@@ -296,3 +296,21 @@ def test_forked_and_fresh_stage_processes_give_the_same_run(tmp_path, monkeypatc
         results[mode] = (status.metrics.tuned, status.metrics.base, status.progress.loss, merged.sha256)
     assert [(c.forked, c.fresh) for c in launchers] == [(0, 4), (4, 0)]
     assert results["0"] == results["1"]
+
+
+@pytest.mark.parametrize("gpus_per_worker", [0, 1])
+def test_on_a_gpu_machine_each_stage_sees_the_gpus_its_pod_would_get(tmp_path, monkeypatch, gpus_per_worker):
+    """prepare and export pods request no GPU, nor does any pod when gpusPerWorker is 0: local mode hides the
+    machine's GPUs from those stages, so the quickstart's `gpusPerWorker: 0` trains on the CPU there too."""
+    import finetune_operator.local as local
+
+    manifest = make_job(tmp_path, resources={"gpusPerWorker": gpus_per_worker})
+    job = local.FineTuneJob.model_validate(yaml.safe_load(manifest.read_text()))
+    hidden = {"CUDA_VISIBLE_DEVICES": ""}
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda path: path == "/dev/nvidiactl" or real_exists(path))
+    seen = {stage: local.gpu_visibility(job, stage) for stage in ("prepare", "search", "train", "evaluate", "export")}
+    gpu_stage = {} if gpus_per_worker else hidden
+    assert seen == {"prepare": hidden, "search": gpu_stage, "train": gpu_stage, "evaluate": gpu_stage, "export": hidden}
+    monkeypatch.setattr(os.path, "exists", lambda path: path != "/dev/nvidiactl" and real_exists(path))
+    assert all(local.gpu_visibility(job, stage) == {} for stage in seen)  # no GPU: nothing to hide

@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.prefork import ForkedProcess, Launcher
+from finetune_operator.prefork import CORE, ForkedProcess, Launcher
 
 from .cluster import wait_until
+
+# One xdist worker runs the whole module, so its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_prefork")
 
 # A program that reports what a process sees of itself, then does a little torch work on its intra-op threads
 # (a fork must leave torch's native threads usable) and exits with the code it was given.
@@ -133,3 +136,37 @@ def test_switched_off_or_without_a_server_it_starts_fresh_processes(program, mon
         wait_until(lambda: not server.alive(), timeout=10, what="the server to be gone")
         code, _, _ = finish(start(launcher, program, "0"))
         assert code == 0 and launcher.forked == 2
+
+
+def test_a_server_in_which_an_import_initialised_cuda_starts_fresh_processes(program, tmp_path):
+    """A child forked from a process that has initialised CUDA cannot use the GPU: a server whose imports did so
+    refuses to fork. A module that makes torch report CUDA initialised stands in for such an import (PEFT with
+    bitsandbytes installed is one, on a GPU machine)."""
+    (tmp_path / "initialises_cuda.py").write_text("import torch\ntorch.cuda.is_initialized = lambda: True\n")
+    path = os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH"))))
+    with Launcher(warm=True, core=("numpy", "initialises_cuda"), later=()) as launcher:
+        child = start(launcher, program, "0", PYTHONPATH=path)
+        assert isinstance(child, subprocess.Popen) and "initialised CUDA" in launcher.why_fresh
+        assert finish(child)[0] == 0 and (launcher.forked, launcher.fresh) == (0, 1)
+
+
+GPU_PROBE = """
+import json, torch
+import peft  # initialises CUDA at import where bitsandbytes is installed: the child may, the server must not
+x = torch.ones(1024, 1024, device="cuda")
+print(json.dumps({"sum": float((x @ x).sum()), "device": torch.cuda.get_device_name()}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA GPU")
+def test_on_a_gpu_machine_a_child_forked_from_the_default_server_uses_the_gpu(program):
+    """What the server imports on a GPU machine (CORE: torch, transformers, datasets) leaves CUDA alone, so local
+    runs on a GPU workstation start their stages warm and the stages use the GPU."""
+    (program / "gpu_probe.py").write_text(GPU_PROBE)
+    with Launcher(warm=True) as launcher:
+        assert launcher.preload == (CORE, ())
+        child = launcher.start([sys.executable, "-m", "gpu_probe"], environment(), cwd=str(program))
+        assert isinstance(child, ForkedProcess), launcher.why_fresh
+        code, report, other = finish(child)
+        assert code == 0, other
+        assert report["sum"] == 1024.0**3

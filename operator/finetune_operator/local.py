@@ -34,6 +34,7 @@ from .api.job import FineTuneJob
 from .api.spec import STAGES
 from .api.status import FINISHED_PHASES, FineTuneJobStatus
 from .api.validation import InvalidJobError, Problem, load_job, local_path
+from .cluster.context import GPU_STAGES
 from .planner import Observed, ObservedStage, Plan, config_hash, plan, stages_for
 from .prefork import Launcher
 from .stages.contract import (
@@ -216,6 +217,13 @@ def stage_process_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+def gpu_visibility(job: FineTuneJob, stage: str) -> dict[str, str]:
+    """The GPUs a stage's pod would get, on this machine: none for prepare and export, none for any stage when
+    spec.resources.gpusPerWorker is 0. So a manifest runs on a GPU workstation as it runs on the cluster."""
+    gets_gpus = stage in GPU_STAGES and job.spec.resources.gpus_per_worker > 0
+    return {} if gets_gpus or not os.path.exists("/dev/nvidiactl") else {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def _pump(proc: subprocess.Popen, stage: str, reporter: Reporter, log: Any) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -280,7 +288,7 @@ def _run_attempt(
     log.write(f"--- attempt {attempt} ({workers} worker(s)) ---\n")
     procs, pumps = [], []
     for index in range(workers):
-        env = stage_process_env()
+        env = {**stage_process_env(), **gpu_visibility(job, stage)}
         if stage == "train" and workers > 1:
             env.update(_train_env(job, index, port))
         command = [sys.executable, "-m", "finetune_operator.stages", stage, "--config", str(config)]

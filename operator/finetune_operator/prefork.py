@@ -10,7 +10,9 @@ exit code (or -signal) reported like Popen's.
 Anything that could make a forked child differ from a fresh one starts a fresh process instead:
 - an environment variable other than the per-process ones in `RUNTIME_ONLY_ENV` that differs from the server's
   (libraries read HF_HOME & co. once, at import);
-- a GPU on the machine (CUDA must not be touched before a fork; the server cannot promise no import probed it);
+- a server in which CUDA is initialised: a child forked after that cannot use the GPU (PyTorch's own rule). On a
+  machine with a GPU the server therefore imports only `CORE`, which leaves CUDA alone: PEFT initialises it at
+  import when bitsandbytes is installed (seen on an H100), so `LATER` is imported by each stage itself there;
 - a server that is gone, or has a second Python thread (the child could wait forever on a lock it held);
 - `FINETUNE_PREFORK=0`.
 """
@@ -44,9 +46,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def enabled() -> bool:
-    if os.environ.get("FINETUNE_PREFORK", "1").lower() in {"0", "false", "no", "off"}:
-        return False
-    return not gpu_present()
+    return os.environ.get("FINETUNE_PREFORK", "1").lower() not in {"0", "false", "no", "off"}
 
 
 def gpu_present() -> bool:
@@ -186,12 +186,12 @@ class Launcher:
         self,
         warm: bool | None = None,
         core: tuple[str, ...] = CORE,
-        later: tuple[str, ...] = LATER,
+        later: tuple[str, ...] | None = None,
         runtime_only: frozenset[str] = RUNTIME_ONLY_ENV,
     ) -> None:
         self.warm = enabled() if warm is None else warm
         self.runtime_only = runtime_only
-        self.preload = core, later
+        self.preload = core, (() if gpu_present() else LATER) if later is None else later
         self._servers: dict[frozenset[tuple[str, str]], PreforkServer] = {}
         self.forked = self.fresh = 0
         self.why_fresh = ""  # why the last process that could have been forked was started fresh
@@ -313,6 +313,8 @@ def _answer(sock: socket.socket, request: dict[str, Any], fds: list[int]) -> Non
         # jemalloc) are the ones every PyTorch DataLoader worker inherits when it forks: their libraries allow it.
         if threading.active_count() > 1:
             reply: dict[str, Any] = {"error": "the prefork server has a second thread; forking it is not safe"}
+        elif cuda_initialised():
+            reply = {"error": "an import initialised CUDA in the prefork server; a forked child could not use the GPU"}
         else:
             reply = {"pid": _fork(request, fds[0], sock)}
     except Exception as exc:
@@ -321,6 +323,14 @@ def _answer(sock: socket.socket, request: dict[str, Any], fds: list[int]) -> Non
         for fd in fds:
             os.close(fd)
     sock.send(json.dumps(reply).encode())
+
+
+def cuda_initialised() -> bool:
+    """Whether CUDA is initialised in this process, after which a forked child's GPU calls fail. Only whether the
+    driver library is loaded would not do: `import torch` loads it (seen on an H100) and forking after that is
+    safe, as every DataLoader worker shows."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 def _report_exits(sock: socket.socket) -> None:
