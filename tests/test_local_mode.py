@@ -307,10 +307,9 @@ def test_on_a_gpu_machine_each_stage_sees_the_gpus_its_pod_would_get(tmp_path, m
     manifest = make_job(tmp_path, resources={"gpusPerWorker": gpus_per_worker})
     job = local.FineTuneJob.model_validate(yaml.safe_load(manifest.read_text()))
     hidden = {"CUDA_VISIBLE_DEVICES": ""}
-    real_exists = os.path.exists
-    monkeypatch.setattr(os.path, "exists", lambda path: path == "/dev/nvidiactl" or real_exists(path))
+    monkeypatch.setattr(local, "gpu_present", lambda: True)
     seen = {stage: local.gpu_visibility(job, stage) for stage in ("prepare", "search", "train", "evaluate", "export")}
     gpu_stage = {} if gpus_per_worker else hidden
     assert seen == {"prepare": hidden, "search": gpu_stage, "train": gpu_stage, "evaluate": gpu_stage, "export": hidden}
-    monkeypatch.setattr(os.path, "exists", lambda path: path != "/dev/nvidiactl" and real_exists(path))
+    monkeypatch.setattr(local, "gpu_present", lambda: False)
     assert all(local.gpu_visibility(job, stage) == {} for stage in seen)  # no GPU: nothing to hide

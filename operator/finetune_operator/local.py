@@ -36,7 +36,7 @@ from .api.status import FINISHED_PHASES, FineTuneJobStatus
 from .api.validation import InvalidJobError, Problem, load_job, local_path
 from .cluster.context import GPU_STAGES
 from .planner import Observed, ObservedStage, Plan, config_hash, plan, stages_for
-from .prefork import Launcher
+from .prefork import Launcher, gpu_present
 from .stages.contract import (
     StageConfig,
     Workdir,
@@ -221,7 +221,7 @@ def gpu_visibility(job: FineTuneJob, stage: str) -> dict[str, str]:
     """The GPUs a stage's pod would get, on this machine: none for prepare and export, none for any stage when
     spec.resources.gpusPerWorker is 0. So a manifest runs on a GPU workstation as it runs on the cluster."""
     gets_gpus = stage in GPU_STAGES and job.spec.resources.gpus_per_worker > 0
-    return {} if gets_gpus or not os.path.exists("/dev/nvidiactl") else {"CUDA_VISIBLE_DEVICES": ""}
+    return {} if gets_gpus or not gpu_present() else {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def _pump(proc: subprocess.Popen, stage: str, reporter: Reporter, log: Any) -> None:
