@@ -11,7 +11,8 @@ from finetune_operator.cli import main
 
 from .test_local_mode import make_job
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs the whole module, so its module-scoped fixtures are built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_use_your_model")]
 
 
 @pytest.fixture(scope="module")
