@@ -125,7 +125,7 @@ async def test_a_pass_with_the_inputs_of_a_quiet_one_is_not_planned_again_until_
     status = FineTuneJobStatus(phase="Training", run=1).wire()
     body = {**copy.deepcopy(MINIMAL_JOB), "status": status}
     body["metadata"].update(uid="u1", generation=1, resourceVersion="7")
-    memo.indexes["finetunejobs"][KEY] = [body]
+    memo.indexes["finetunejobs"][KEY] = [controller.PackedJob(body)]
     planned: list[int] = []
 
     def nothing_to_do(job: Any, observed: Any, now: Any) -> Plan:
@@ -135,7 +135,9 @@ async def test_a_pass_with_the_inputs_of_a_quiet_one_is_not_planned_again_until_
     monkeypatch.setattr(controller, "plan", nothing_to_do)
     await controller.reconcile(KEY, memo, {})
     # The echo of a write (a new resourceVersion), a pod event that changes nothing the planner reads:
-    memo.indexes["finetunejobs"][KEY] = [{**body, "metadata": {**body["metadata"], "resourceVersion": "8"}}]
+    memo.indexes["finetunejobs"][KEY] = [
+        controller.PackedJob({**body, "metadata": {**body["metadata"], "resourceVersion": "8"}})
+    ]
     await controller.reconcile(KEY, memo, {})
     assert planned == [1] and memo.metrics.reconcile_skipped._value.get() == 1
     memo.state.resync[KEY] = time.monotonic() - 1  # a resync that finds the index as it was: nothing to catch up
@@ -146,7 +148,7 @@ async def test_a_pass_with_the_inputs_of_a_quiet_one_is_not_planned_again_until_
     assert planned == [1, 1]
     edited = {**body, "spec": {**body["spec"], "training": {"epochs": 2}}}
     edited["metadata"] = {**body["metadata"], "generation": 2}
-    memo.indexes["finetunejobs"][KEY] = [edited]
+    memo.indexes["finetunejobs"][KEY] = [controller.PackedJob(edited)]
     await controller.reconcile(KEY, memo, {})
     assert planned == [1, 1, 2]
     assert not memo.api.api_client.rest_client.pool_manager.pools  # nothing to do: no API call was made
@@ -191,3 +193,22 @@ async def test_in_a_burst_a_stage_create_goes_before_status_writes_and_events():
     assert running.done() and queued.cancelled() and "late" not in order
     with pytest.raises(RuntimeError):
         executor.submit(order.append, "after shutdown")
+
+
+@pytest.mark.asyncio
+async def test_kopf_forgets_the_memory_of_an_object_once_it_is_idle_unless_it_throttles_errors():
+    now = [0.0]
+    memories = controller.LeanMemories(sweep_seconds=30, clock=lambda: now[0])
+    finished, failing, busy = ({"metadata": {"uid": uid}} for uid in ("finished", "failing", "busy"))
+    kept = {uid: await memories.recall(body, memobase=kopf.Memo()) for uid, body in
+            (("finished", finished), ("failing", failing), ("busy", busy))}  # fmt: skip
+    kept["failing"].error_throttler.active_until = 5.0  # an unexpected error: kopf backs off this object
+    now[0] = 31
+    await memories.recall(busy)  # the first sweep: every object was seen in its interval
+    assert len(list(memories.iter_all_memories())) == 3
+    now[0] = 62
+    assert await memories.recall(busy) is kept["busy"]
+    assert len(list(memories.iter_all_memories())) == 2
+    assert await memories.recall(failing) is kept["failing"]
+    fresh = await memories.recall(finished, memobase=kopf.Memo(shared="yes"))
+    assert fresh is not kept["finished"] and fresh.memo.shared == "yes"  # from the operator's memo, at its next event

@@ -21,7 +21,9 @@ import concurrent.futures
 import contextvars
 import datetime as dt
 import functools
+import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -29,11 +31,13 @@ import queue
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import kopf
+from kopf._core.reactor.inventory import ResourceMemories, ResourceMemory  # kopf.run's `memories`: see LeanMemories
 from pydantic import ValidationError
 
 from .api.base import GROUP, PLURAL, VERSION
@@ -42,7 +46,7 @@ from .api.status import FINISHED_PHASES, FineTuneJobStatus
 from .cluster.build import build_stage
 from .cluster.context import BuildContext, OperatorSettings, child_name
 from .cluster.kube import ApiCallError, KubeApi, KubeConfigError, KubeSource, check_reachable, load_configuration
-from .cluster.observe import observe
+from .cluster.observe import job_view, observe, pod_view
 from .cluster.plugins.storage import workspace_claim, workspace_pvc
 from .cluster.telemetry import OperatorMetrics
 from .planner import Observed, Plan, plan, report_api_error
@@ -105,9 +109,9 @@ class State:
     """The running train pod per job, (namespace, pod): the poll reads its log tail every POLL_SECONDS."""
     reading: set[Key] = field(default_factory=set)
     read_at: dict[Key, float] = field(default_factory=dict)
-    quiet: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
-    """Per job, the inputs of its last pass that found nothing to do: the same inputs again (a pod turning Running,
-    the echo of our own status write) need no planning until the job is due."""
+    quiet: dict[Key, bytes] = field(default_factory=dict)
+    """Per job, the fingerprint of the inputs of its last pass that found nothing to do: the same inputs again (a pod
+    turning Running, the echo of our own status write) need no planning until the job is due."""
 
     async def call(self, fn: Callable[..., T], *args: Any, priority: int = HAND_OFF) -> T:
         call = functools.partial(fn, *args)
@@ -228,6 +232,54 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
+class LeanMemories(ResourceMemories):
+    """kopf's memory of every object it has seen, kept only while it holds something.
+
+    kopf keeps one per object (~3 kB: error throttling, indexing retries, daemons, a copy of the memo) until the
+    object is deleted: at a thousand jobs, with their Jobs and pods, 27 MB for objects long finished. This operator
+    has no daemons, timers or change handlers, so a memory in its initial state says nothing a fresh one would not:
+    one not used for a whole sweep interval and in that state is dropped (kopf makes a fresh one at the object's next
+    event). One that throttles errors or retries an index is kept. (kopf.run takes the container as `memories`.)
+    """
+
+    def __init__(self, sweep_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.sweep_seconds, self.clock = sweep_seconds, clock
+        self._recalled: set[str] = set()
+        self._swept_at = clock()
+
+    async def recall(
+        self, raw_body: Any, *, memobase: Any = None, noticed_by_listing: bool = False, ephemeral: bool = False
+    ) -> ResourceMemory:
+        memory = await super().recall(
+            raw_body, memobase=memobase, noticed_by_listing=noticed_by_listing, ephemeral=ephemeral
+        )
+        self._recalled.add(self._build_key(raw_body))
+        if self.clock() - self._swept_at >= self.sweep_seconds:
+            self.sweep()
+        return memory
+
+    def sweep(self) -> None:
+        idle = [k for k, m in self._items.items() if k not in self._recalled and _initial(m)]
+        for key in idle:
+            del self._items[key]
+        self._recalled.clear()
+        self._swept_at = self.clock()
+
+
+def _initial(memory: ResourceMemory) -> bool:
+    throttler, daemons = memory.error_throttler, memory.daemons_memory
+    return (
+        throttler.active_until is None
+        and throttler.source_of_delays is None
+        and memory.indexing_memory.indexing_state is None
+        and memory.remaining_patch is None
+        and daemons.live_fresh_body is None
+        and not daemons.running_daemons
+        and not daemons.forever_stopped
+    )
+
+
 @kopf.on.login()
 def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
     """kopf's watches use the same server and credentials as the operator's own client (read afresh each time,
@@ -259,7 +311,7 @@ def connection_info(configuration: Any, trust_env: bool = False) -> kopf.Connect
 
 
 def _phases(memo: kopf.Memo) -> list[tuple[str, str]]:
-    return [(ns, (w.get("status") or {}).get("phase", "Pending")) for (ns, _), w in list(memo.written.items())]
+    return [(ns, w.get("phase") or "Pending") for (ns, _), w in list(memo.written.items())]
 
 
 @kopf.on.cleanup()
@@ -278,10 +330,34 @@ async def stop_polling(memo: kopf.Memo, **_: Any) -> None:
         await asyncio.to_thread(memo.stop_metrics)
 
 
-# The indexes hold what the planner reads, not whole objects: a stage Job's pod template and a pod's spec are most
-# of their size, and the operator keeps every Job and pod of every job in memory.
-JOB_SPEC_FIELDS = ("suspend", "completions", "parallelism", "completionMode")
+# The indexes hold what the planner reads, not whole objects, and hold it packed: a stage Job's pod template and a
+# pod's spec are most of their size, and a decoded body costs a dict per object and a string per key and value (a
+# FineTuneJob of ~5 kB of JSON took ~25 kB). At a thousand jobs, with eight children each kept after they finish,
+# the decoded indexes were most of the operator's memory.
 UNREAD_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+class Packed:
+    """One indexed object as compressed JSON; `unpack()` gives a fresh copy (a few tens of microseconds)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, obj: dict[str, Any]) -> None:
+        self.data = zlib.compress(json.dumps(obj, separators=(",", ":")).encode(), 1)
+
+    def unpack(self) -> dict[str, Any]:
+        return json.loads(zlib.decompress(self.data))  # type: ignore[no-any-return]
+
+
+class PackedJob(Packed):
+    """A FineTuneJob in the index: packed, with what tells whether it is still there at hand."""
+
+    __slots__ = ("deleting", "uid")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body)
+        self.uid: str | None = body["metadata"].get("uid")
+        self.deleting = bool(body["metadata"].get("deletionTimestamp"))
 
 
 def _metadata(body: kopf.Body) -> dict[str, Any]:
@@ -293,21 +369,22 @@ def _metadata(body: kopf.Body) -> dict[str, Any]:
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def finetunejobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace, name): {**body, "metadata": _metadata(body)}}
+def finetunejobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, PackedJob]:
+    return {(namespace, name): PackedJob({**body, "metadata": _metadata(body)})}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL: kopf.PRESENT})
-def stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    spec = {k: v for k, v in body.get("spec", {}).items() if k in JOB_SPEC_FIELDS}
-    trimmed = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": _metadata(body)}
-    return {(namespace, labels[LABEL]): {**trimmed, "spec": spec, "status": dict(body.get("status", {}))}}
+def stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, Packed]:
+    return {(namespace, labels[LABEL]): Packed(job_view(dict(body)))}
 
 
 @kopf.index("", "v1", "pods", labels={LABEL: kopf.PRESENT})
-def stage_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    trimmed = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": _metadata(body)}
-    return {(namespace, labels[LABEL]): {**trimmed, "status": dict(body.get("status", {}))}}
+def stage_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, Packed]:
+    return {(namespace, labels[LABEL]): Packed(pod_view(dict(body)))}
+
+
+def _unpacked(memo: kopf.Memo, index: str, key: Key) -> list[dict[str, Any]]:
+    return [value.unpack() for value in list(memo.indexes.get(index, {}).get(key, []))]
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -461,7 +538,7 @@ async def _retry_after(key: Key, memo: kopf.Memo, delay: float) -> None:
 
 async def _report(key: Key, memo: kopf.Memo, error: str) -> bool:
     """Condition Synced=False and a Warning Event naming the API error; whether the job could be told."""
-    bodies = list(memo.indexes.get("finetunejobs", {}).get(key, []))
+    bodies = _unpacked(memo, "finetunejobs", key)
     if not bodies:
         return False
     body = _current(bodies[0], memo.written.get(key))
@@ -478,16 +555,16 @@ async def _report(key: Key, memo: kopf.Memo, error: str) -> bool:
         log.warning("cannot show the error on %s/%s: %s", *key, exc)
         return True
     if written:
-        memo.written[key] = {"uid": job.uid, "status": status}
+        _remember(memo, key, job.uid, status)
     return True
 
 
-def _train_pod(job: FineTuneJob, pods: list[dict[str, Any]]) -> str | None:
+def _train_pod(run: int, pods: list[dict[str, Any]]) -> str | None:
     """Worker 0 of the current run's train stage, when it is running: the pod whose log carries progress."""
     for pod in pods:
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
-        if labels.get("finetune.dev/stage") != "train" or labels.get("finetune.dev/run") != str(job.status.run):
+        if labels.get("finetune.dev/stage") != "train" or labels.get("finetune.dev/run") != str(run):
             continue
         if (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index", "0") != "0":
             continue
@@ -496,20 +573,20 @@ def _train_pod(job: FineTuneJob, pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def _train_log(key: Key, memo: kopf.Memo, job: FineTuneJob, pods: list[dict[str, Any]]) -> dict[str, str]:
+def _train_log(key: Key, memo: kopf.Memo, run: int, pods: list[dict[str, Any]]) -> dict[str, str]:
     """The last log tail read of the running train pod, and a fresh read started beside this reconcile.
 
     A log read can hang (a node under load, a kubelet gone): the job's hand-offs never wait for it; the read
     reconciles the job again when it brings new lines. The poll goes on reading while the pod runs.
     """
     state: State = memo.state
-    pod = _train_pod(job, pods)
+    pod = _train_pod(run, pods)
     if pod is None:
         state.logs.pop(key, None)
         state.log_pods.pop(key, None)
         return {}
-    state.log_pods[key] = (job.namespace, pod)
-    _start_log_read(key, memo, job.namespace, pod, time.monotonic())
+    state.log_pods[key] = (key[0], pod)
+    _start_log_read(key, memo, key[0], pod, time.monotonic())
     seen, tail = state.logs.get(key, ("", ""))
     return {"train": tail} if seen == pod and tail else {}
 
@@ -542,17 +619,30 @@ def _started_but_unseen(api: KubeApi, job: FineTuneJob, stage: str) -> bool:
     return api.job_exists(job.namespace, child_name(job, stage))
 
 
+def _remember(memo: kopf.Memo, key: Key, uid: str | None, status: dict[str, Any]) -> None:
+    """Our last status write of a job, packed like the indexes (the phase apart: the metrics count it)."""
+    memo.written[key] = {"uid": uid, "phase": status.get("phase"), "status": Packed(status)}
+
+
+def _written_status(written: dict[str, Any] | None) -> dict[str, Any] | None:
+    packed: Packed | None = (written or {}).get("status")
+    return packed.unpack() if packed is not None else None
+
+
 def _current(body: dict[str, Any], written: dict[str, Any] | None) -> dict[str, Any]:
     """The body with the newest status: ours, when the watch has not delivered our last write yet."""
     if written and written.get("uid") == (body.get("metadata") or {}).get("uid"):
-        return {**body, "status": written["status"]}
+        return {**body, "status": _written_status(written)}
     return body
 
 
-def _inputs(body: dict[str, Any], observed: Observed) -> tuple[Any, ...]:
-    """What a plan depends on besides the clock (the clock's part comes back as requeue_after: the due time)."""
+def _inputs(body: dict[str, Any], observed: Observed) -> bytes:
+    """A fingerprint of what a plan depends on besides the clock (the clock's part comes back as requeue_after: the
+    due time). A fingerprint, not the inputs: those are a decoded copy of the job and its children's results."""
     metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k != "resourceVersion"}
-    return metadata, body.get("spec"), body.get("status"), observed
+    # repr: as deterministic as needed (the same packed bytes decode in the same order); a miss only plans again
+    text = repr((metadata, body.get("spec"), body.get("status"), observed))
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def _acts(result: Plan) -> bool:
@@ -568,34 +658,30 @@ def _comparable(status: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**status, "progress": progress}
 
 
+def _stored(memo: kopf.Memo, key: Key) -> PackedJob | None:
+    return next(iter(memo.indexes.get("finetunejobs", {}).get(key, [])), None)
+
+
 def _alive(memo: kopf.Memo, key: Key, uid: str | None) -> bool:
-    bodies = list(memo.indexes.get("finetunejobs", {}).get(key, []))
-    return (
-        uid not in memo.state.gone
-        and bool(bodies)
-        and (bodies[0].get("metadata") or {}).get("uid") == uid
-        and not (bodies[0].get("metadata") or {}).get("deletionTimestamp")
-    )
+    stored = _stored(memo, key)
+    return uid not in memo.state.gone and stored is not None and stored.uid == uid and not stored.deleting
+
+
+def _run(body: dict[str, Any]) -> int:
+    run = (body.get("status") or {}).get("run")
+    return run if isinstance(run, int) else 1  # not a number: the validation that follows refuses the status
 
 
 async def _reconcile(key: Key, memo: kopf.Memo) -> None:
-    bodies = list(memo.indexes["finetunejobs"].get(key, []))
-    if not bodies or (bodies[0].get("metadata") or {}).get("deletionTimestamp"):
-        return
+    stored = _stored(memo, key)
     state: State = memo.state
-    body = _current(bodies[0], memo.written.get(key))
-    api: KubeApi = memo.api
-    try:
-        job = FineTuneJob.model_validate(body)
-    except ValidationError as exc:
-        await _refuse(api, key, body, memo, exc)
+    if stored is None or stored.deleting or stored.uid in state.gone:
         return
-    if job.uid in state.gone:
-        return
-    jobs = list(memo.indexes["stage_jobs"].get(key, []))
-    pods = list(memo.indexes["stage_pods"].get(key, []))
-    logs = _train_log(key, memo, job, pods)
-    observed = observe(job.status.run, jobs, pods, logs)
+    body = _current(stored.unpack(), memo.written.get(key))
+    jobs = _unpacked(memo, "stage_jobs", key)
+    pods = _unpacked(memo, "stage_pods", key)
+    run = _run(body)
+    observed = observe(run, jobs, pods, _train_log(key, memo, run, pods))
     inputs = _inputs(body, observed)
     now = time.monotonic()
     if state.quiet.get(key) == inputs and state.due.get(key, float("inf")) > now:
@@ -606,6 +692,12 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
             _resync_later(state, key)
         return
     state.quiet.pop(key, None)
+    api: KubeApi = memo.api
+    try:
+        job = FineTuneJob.model_validate(body)
+    except ValidationError as exc:
+        await _refuse(api, key, body, memo, exc)
+        return
     result = plan(job, observed, dt.datetime.now(dt.UTC))
     if result.start and await state.call(_started_but_unseen, api, job, result.start):
         state.due[key] = time.monotonic() + POLL_SECONDS  # the Job's event should come next; if not, look again
@@ -619,14 +711,14 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
         await state.call(api.delete_children, job.namespace, job.name, None)
         return
     status = result.status.wire()
-    previous = (memo.written.get(key) or {}).get("status")
+    previous = _written_status(memo.written.get(key))
     unchanged = _comparable(status) in (_comparable(previous), _comparable(body.get("status") or None))
     if unchanged:
         status = previous or body.get("status") or status  # nothing but progress.updatedAt: no write
     elif not await state.call(api.write_status, key[0], key[1], status, priority=STATUS):
         return  # the job is gone
     memo.metrics.record(previous or body.get("status"), status, (body.get("metadata") or {}).get("creationTimestamp"))
-    memo.written[key] = {"uid": job.uid, "status": status}
+    _remember(memo, key, job.uid, status)
     _next_visit(state, key, result)
     if unchanged and not _acts(result) and not result.events:
         state.quiet[key] = inputs
@@ -641,6 +733,7 @@ def _queue_events(memo: kopf.Memo, key: Key, body: dict[str, Any], events: list[
         return
     state: State = memo.state
     previous = state.posting.get(key)
+    body = _subject(body)  # what an Event names, not the whole job, is kept while the Events wait their turn
 
     async def post_in_order() -> None:
         if previous is not None:
@@ -660,6 +753,15 @@ def _queue_events(memo: kopf.Memo, key: Key, body: dict[str, Any], events: list[
             del state.posting[key]
 
     task.add_done_callback(done)
+
+
+def _subject(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid") if k in meta},
+    }
 
 
 async def _post_events(memo: kopf.Memo, body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
@@ -717,10 +819,10 @@ async def _refuse(api: KubeApi, key: Key, body: dict[str, Any], memo: kopf.Memo,
     message = f"the spec cannot be used: {where}: {first['msg']}"
     status = FineTuneJobStatus.model_validate(body.get("status") or {}).wire() if _valid_status(body) else {}
     status.update(phase="Failed", message=message)
-    if (memo.written.get(key) or {}).get("status") != status:
+    if _written_status(memo.written.get(key)) != status:
         await memo.state.call(api.write_status, key[0], key[1], status, priority=STATUS)
         await _post_events(memo, body, [("Warning", "InvalidSpec", message)])
-    memo.written[key] = {"uid": (body.get("metadata") or {}).get("uid"), "status": status}
+    _remember(memo, key, (body.get("metadata") or {}).get("uid"), status)
     memo.state.due.pop(key, None)  # nothing to revisit until the spec is edited (an event)
     memo.state.resync.pop(key, None)
 
@@ -773,6 +875,7 @@ def run_operator(
         peering_name=peering,
         standalone=peering is None,
         priority=priority,
+        memories=LeanMemories(),
         memo=kopf.Memo(
             metrics_port=metrics_port, settings=settings, api=api, kube_source=KubeSource(kubeconfig, context)
         ),

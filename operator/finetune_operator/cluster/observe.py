@@ -147,6 +147,61 @@ def observe_stage(
     )
 
 
+# What `observe` (and the controller's train-pod lookup) reads of a stage Job and of a pod: the controller keeps only
+# this of every child in memory. A stage Job's pod template, a pod's spec, image and IP fields are most of their
+# size, and at a thousand jobs the operator holds eight children per job, finished ones included.
+OWN_LABEL_PREFIX = "finetune.dev/"
+POD_LABELS = ("job-name", "batch.kubernetes.io/job-name")
+POD_ANNOTATIONS = ("batch.kubernetes.io/job-completion-index",)
+JOB_SPEC_FIELDS = ("suspend", "completions", "parallelism", "completionMode")
+JOB_STATUS_FIELDS = ("active", "succeeded", "failed", "startTime", "completionTime")
+CONDITION_FIELDS = ("type", "status", "reason", "message", "lastTransitionTime")
+TERMINATED_FIELDS = ("exitCode", "reason", "message", "finishedAt")
+
+
+def _pick(source: dict[str, Any] | None, keys: Iterable[str]) -> dict[str, Any]:
+    return {k: source[k] for k in keys if source and source.get(k) is not None}
+
+
+def _metadata_view(meta: dict[str, Any], labels: Iterable[str] = (), annotations: Iterable[str] = ()) -> dict[str, Any]:
+    own = meta.get("labels") or {}
+    view = _pick(meta, ("name", "namespace", "uid", "deletionTimestamp"))
+    view["labels"] = {k: v for k, v in own.items() if k.startswith(OWN_LABEL_PREFIX) or k in labels}
+    view["annotations"] = _pick(meta.get("annotations"), annotations)
+    return view
+
+
+def _true_conditions(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """Only conditions that hold are ever read (`_condition`, DisruptionTarget, Ready)."""
+    return [_pick(c, CONDITION_FIELDS) for c in status.get("conditions") or [] if c.get("status") == "True"]
+
+
+def job_view(job: dict[str, Any]) -> dict[str, Any]:
+    """The part of a stage Job that `observe` reads: `observe` of views equals `observe` of the whole objects."""
+    status = job.get("status") or {}
+    return {
+        "metadata": _metadata_view(job.get("metadata") or {}),
+        "spec": _pick(job.get("spec"), JOB_SPEC_FIELDS),
+        "status": {**_pick(status, JOB_STATUS_FIELDS), "conditions": _true_conditions(status)},
+    }
+
+
+def _ended_view(container: dict[str, Any]) -> dict[str, Any]:
+    terminated = _pick(container["state"]["terminated"], TERMINATED_FIELDS)
+    return {"name": container.get("name"), "state": {"terminated": terminated}}
+
+
+def pod_view(pod: dict[str, Any]) -> dict[str, Any]:
+    """The part of a stage pod that `observe` reads: its phase, the conditions that hold, and how each container
+    ended (exit code, reason, termination message: the stage's summary)."""
+    status = pod.get("status") or {}
+    ended = [_ended_view(c) for c in status.get("containerStatuses") or [] if (c.get("state") or {}).get("terminated")]
+    return {
+        "metadata": _metadata_view(pod.get("metadata") or {}, POD_LABELS, POD_ANNOTATIONS),
+        "status": {**_pick(status, ("phase",)), "conditions": _true_conditions(status), "containerStatuses": ended},
+    }
+
+
 def observe(
     run: int, jobs: Iterable[dict[str, Any]], pods: Iterable[dict[str, Any]], logs: dict[str, str] | None = None
 ) -> Observed:
