@@ -405,8 +405,9 @@ def test_a_job_succeeds_with_metrics_and_a_runpolicy_change_alone_starts_no_new_
     jobs = env.rest.list("jobs", env.namespace)
     assert all(j["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"] for j in jobs)
     assert "kopf" not in json.dumps(status)  # kopf's bookkeeping stays out of the status
-    metrics = scrape(port)
-    assert metrics[f'finetune_jobs{{namespace="{env.namespace}",phase="Succeeded"}}'] == 1
+    # The operator counts the phase once its status write has returned, a moment after the server shows it.
+    succeeded = f'finetune_jobs{{namespace="{env.namespace}",phase="Succeeded"}}'
+    metrics = wait_until(lambda: (m := scrape(port)).get(succeeded) == 1 and m, 30, "the job counted as Succeeded")
     for stage in STAGES:
         assert metrics[f'finetune_stage_duration_seconds_count{{outcome="Succeeded",stage="{stage}"}}'] == 1
     assert metrics["finetune_time_to_first_stage_seconds_count"] == 1
