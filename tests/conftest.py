@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,6 @@ MINIMAL_JOB: dict[str, Any] = {
         "output": {"uri": "s3://bucket/out"},
     },
 }
-
-
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto` (pyproject's addopts): one worker per core, at most 4. Most tests wait on processes they start
-    (stage programs, the API server, the operator), so two workers keep 2 cores busy where one left them half idle;
-    beyond 4 the workers' memory (torch in each, ~1 GB) costs more than it gains."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture

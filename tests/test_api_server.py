@@ -25,9 +25,6 @@ from .judges import ServerJudge, Verdict, validate_verdict
 from .manifests import manifest_families
 from .test_validation import DELETE, INVALID, patched
 
-# One xdist worker runs the whole module, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_api_server")
-
 CRD_NAME = f"{PLURAL}.{GROUP}"
 EXAMPLE_FILES = sorted(EXAMPLES.rglob("*.yaml"))
 # Hypothesis draws FAMILIES manifests from the models' schema and MUTATIONS copies of each that break one rule.

@@ -34,9 +34,6 @@ from finetune_operator.controller import connection_info
 from .apiserver import ApiServer
 from .conftest import MINIMAL_JOB
 
-# One xdist worker runs the whole module, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_kube_api")
-
 REPO = Path(__file__).resolve().parents[1]
 NO_POD: dict[str, str] = {}
 

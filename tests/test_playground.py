@@ -21,8 +21,7 @@ from finetune_operator.playground.target import FEEDBACK_FILE, TargetError, reso
 from .browser import chromium, click, compare, in_process_playground, playground, textarea, wait_for
 from .test_local_mode import make_job
 
-# One xdist worker runs the whole module, so its module-scoped fixtures are built once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_playground")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

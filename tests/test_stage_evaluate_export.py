@@ -21,8 +21,7 @@ from finetune_operator.stages.runner import run_stage
 from .conftest import first_word_rows, local_spec, stage_config, write_jsonl
 
 # Real training runs of the ML stack: CI runs them; `-m "not slow"` (the quick loop) leaves them out.
-# One xdist worker runs the whole module, so its module-scoped fixtures are built once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_stage_evaluate_export")]
+pytestmark = pytest.mark.slow
 
 LEARN = {"maxSteps": 600, "learningRate": 0.005, "batchSize": 16, "loggingSteps": 100, "checkpointEverySteps": 1000}
 METRICS = {"metrics": ["perplexity", "exactMatch", "bleu", "rougeL"], "generation": {"maxNewTokens": 4}}

@@ -11,8 +11,7 @@ from finetune_operator.cli import main
 
 from .test_local_mode import make_job
 
-# One xdist worker runs the whole module, so its module-scoped fixtures are built once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_use_your_model")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
