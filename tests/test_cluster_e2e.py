@@ -219,14 +219,17 @@ def assert_events_once(events: list[dict[str, Any]], runs: int = 1) -> collectio
 # ---------------------------------------------------------------------------------------- end to end
 
 
-def e2e_spec(model: str, train: str, evaluation: str, output: str) -> dict[str, Any]:
+STEPS = 60  # the four-real-stages test's train length
+
+
+def e2e_spec(model: str, train: str, evaluation: str, output: str, steps: int = 20) -> dict[str, Any]:
     return {
         "model": {"source": model},
         "dataset": {"source": train, "evalSource": evaluation, "format": "completion",
                     "columns": {"prompt": "instruction", "input": "input", "completion": "output"},
                     "maxSeqLength": 64},
         "method": {"type": "full"},
-        "training": {"maxSteps": 20, "learningRate": 0.005, "batchSize": 16, "loggingSteps": 2,
+        "training": {"maxSteps": steps, "learningRate": 0.005, "batchSize": 16, "loggingSteps": 2,
                      "checkpointEverySteps": 10},
         "resources": {"gpusPerWorker": 0},
         "evaluation": {"metrics": ["perplexity", "exactMatch"], "generation": {"maxNewTokens": 4}},
@@ -282,7 +285,9 @@ def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: 
     shutil.copytree(model, local / "model")
     shutil.copytree(cluster.volume("data"), local / "data")
     manifest = local / "job.yaml"
-    local_spec = e2e_spec("./model", "./data/train.jsonl", "./data/eval.jsonl", "./out")
+    # 60 steps: a stage forked warm trains 20 in about a second, which the 1 s log poll and the 0.5 s kubectl
+    # watch could both miss (the progress assertion below failed that way, twice in 2 sessions).
+    local_spec = e2e_spec("./model", "./data/train.jsonl", "./data/eval.jsonl", "./out", steps=STEPS)
     manifest.write_text(yaml.safe_dump({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
                                         "metadata": {"name": NAME}, "spec": local_spec}))  # fmt: skip
     with (local / "run.log").open("wb") as log:
@@ -293,14 +298,14 @@ def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: 
 
     with Watcher(env.server, env.namespace) as watcher:
         env.apply(e2e_spec("pvc://models/tiny", "pvc://data/train.jsonl", "pvc://data/eval.jsonl",
-                           "pvc://models/out"))  # fmt: skip
+                           "pvc://models/out", steps=STEPS))  # fmt: skip
         status = env.wait_phase("Succeeded", timeout=900)
 
     # kubectl showed the job moving through its stages, with the train step as it went.
     shown = "\n".join(watcher.rows)
     for phase in ("Preparing", "Training", "Evaluating", "Exporting", "Succeeded"):
         assert phase in shown, shown
-    assert "train step" in shown and "/20 (" in shown, shown
+    assert "train step" in shown and f"/{STEPS} (" in shown, shown
     assert watcher.rows[-1].startswith(f"{NAME} Succeeded export"), watcher.rows[-1]
 
     assert [status["stages"][s]["state"] for s in STAGES] == ["Succeeded"] * 4
@@ -326,7 +331,7 @@ def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: 
     expected = yaml.safe_load((local / "out" / "status.yaml").read_text())
     assert status["metrics"]["tuned"] == pytest.approx(expected["metrics"]["tuned"], rel=1e-5)
     assert status["metrics"]["base"] == pytest.approx(expected["metrics"]["base"], rel=1e-5)
-    assert status["progress"]["step"] == expected["progress"]["step"] == 20
+    assert status["progress"]["step"] == expected["progress"]["step"] == STEPS
     assert status["lineage"]["datasetFingerprint"] == expected["lineage"]["datasetFingerprint"]
     assert [(a["name"], a["format"]) for a in status["artifacts"]] == [
         (a["name"], a["format"]) for a in expected["artifacts"]
