@@ -94,22 +94,12 @@ def one_run(folder: Path, gpus: int, prefork: str, init_model: str, max_steps: i
         result["stages"] = status.get("stages")
     result["summaries"] = {f"{path.parent.parent.name}/{path.stem}": _brief(json.loads(path.read_text()))
                            for path in sorted((folder / "out").rglob("summaries/*.json"))}  # fmt: skip
-    result["device_lines"] = _device_lines(folder / "out")
     return result
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     keep = ("precision", "tokensPerSecond", "runtimeSeconds", "device", "steps", "finalLoss", "microBatch", "metrics")
     return {k: v for k, v in summary.items() if k in keep or "seconds" in k.lower()}
-
-
-def _device_lines(out: Path) -> list[str]:
-    lines = []
-    for log in sorted(out.rglob("*.log")):
-        for line in log.read_text(errors="replace").splitlines():
-            if any(word in line for word in ("cuda", "bf16", "precision", "device", "GPU")):
-                lines.append(f"{log.name}: {line[:240]}")
-    return lines[:40]
 
 
 def main() -> None:
