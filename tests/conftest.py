@@ -122,5 +122,85 @@ def local_spec(model: Path, data: Path, **sections: Any) -> dict[str, Any]:
     return spec
 
 
+# ---------------------------------------------------------------- warm stage processes (prefork.py)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stage_caches(tmp_path_factory) -> Path:
+    """The cache variables a pod's environment sets (HF_HOME & co.), set once for the session.
+
+    Without them every stage process defaults its caches into its own workdir, so every run's processes have a
+    different environment and need a prefork server of their own (~18 s of CPU importing the ML stack). With
+    them, one warm server serves every local run and gang test of the session (`warm_launcher`)."""
+    import os
+
+    from finetune_operator.stages.runner import stage_environment
+
+    root = tmp_path_factory.mktemp("stage-caches")
+    saved = {name: os.environ.get(name) for name in stage_environment(root)}
+    os.environ.update(stage_environment(root))
+    yield root
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def warm_launcher(stage_caches):
+    """One prefork launcher for the session: stage processes forked from a server that imported the ML stack
+    once. Fresh processes are tested where that is the point (test_prefork, the forked-vs-fresh run)."""
+    from finetune_operator.prefork import Launcher
+
+    class SessionLauncher(Launcher):
+        def start(self, argv: list[str], env: dict[str, str], *args: Any, **kwargs: Any) -> Any:
+            # pytest names the current test in the environment; a stage process has no use for it, and it would
+            # make every test's processes differ from the server's (a fresh start each).
+            env = {name: value for name, value in env.items() if not name.startswith("PYTEST_")}
+            return super().start(argv, env, *args, **kwargs)
+
+    with SessionLauncher(warm=True) as launcher:
+        yield launcher
+
+
+class _Shared:
+    """A run's `Launcher()` that is the session's warm one; the run's `close()` leaves it running."""
+
+    def __init__(self, launcher: Any) -> None:
+        self._launcher = launcher
+
+    def start(self, *args: Any, **kwargs: Any) -> Any:
+        return self._launcher.start(*args, **kwargs)
+
+    def close(self) -> None: ...
+
+
+def output_of(process: Any, timeout: float) -> str:
+    """What a started stage process (a Popen or a forked one, output on `.stdout`) prints until it ends."""
+    import threading
+
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert not reader.is_alive(), f"pid {process.pid} still running after {timeout} s: {''.join(lines)[-2000:]}"
+    process.wait(timeout=30)
+    return "".join(lines)
+
+
+@pytest.fixture(autouse=True)
+def shared_launcher(warm_launcher, monkeypatch):
+    """`finetune-operator run` called in this process forks its stages from the session's warm server."""
+    import finetune_operator.local as local
+    from finetune_operator.prefork import Launcher
+
+    def launcher(*args: Any, **kwargs: Any) -> Any:
+        return Launcher(*args, **kwargs) if args or kwargs else _Shared(warm_launcher)
+
+    monkeypatch.setattr(local, "Launcher", launcher)
+    return warm_launcher
+
+
 # ---------------------------------------------------------------- the real API server (tests/apiserver.py)
 from tests.apiserver import apiserver, crd_installed, namespace  # noqa: E402,F401  (fixtures)

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from finetune_operator.local import (
     run_stage_processes,
     stage_config,
 )
+from finetune_operator.prefork import Launcher
 from finetune_operator.stages.contract import (
     EXIT_CONFIG_ERROR,
     EXIT_INTERNAL_ERROR,
@@ -39,10 +39,10 @@ from finetune_operator.stages.contract import (
     most_significant,
     parse_line,
 )
-from finetune_operator.stages.runner import run_stage
+from finetune_operator.stages.runner import run_stage, stage_environment
 from finetune_operator.stages.train import CHECKPOINT_MARKER, latest_valid_checkpoint
 
-from .conftest import first_word_rows, local_spec, write_jsonl
+from .conftest import first_word_rows, local_spec, output_of, write_jsonl
 
 STEPS = 12
 EVERY = 3
@@ -103,12 +103,12 @@ def prepared(tmp: Path, model: Path, workers: int, **training: Any) -> tuple[Fin
 _REFERENCES: dict[int, dict[int, float]] = {}
 
 
-def reference_losses(tmp_factory: Any, model: Path, workers: int) -> dict[int, float]:
+def reference_losses(tmp_factory: Any, model: Path, workers: int, launcher: Launcher) -> dict[int, float]:
     """The losses of an uninterrupted run with `workers` workers (once per module and worker count)."""
     if workers not in _REFERENCES:
         job, run = prepared(tmp_factory.mktemp(f"reference-{workers}"), model, workers)
         recorder = Recorder()
-        assert run_stage_processes(job, run, "train", recorder) == 0
+        assert run_stage_processes(job, run, "train", recorder, launcher) == 0
         _REFERENCES[workers] = recorder.losses()
         assert sorted(_REFERENCES[workers]) == list(range(1, STEPS + 1))
     return _REFERENCES[workers]
@@ -150,8 +150,10 @@ def test_exceptions_are_classified_transient_or_not():
 @pytest.mark.slow
 @SLOW_TIMEOUT
 @pytest.mark.parametrize("workers", [2, 3])
-def test_a_killed_worker_restarts_the_gang_from_the_last_checkpoint(tmp_path, tmp_path_factory, micro_model, workers):
-    want = reference_losses(tmp_path_factory, micro_model, workers)
+def test_a_killed_worker_restarts_the_gang_from_the_last_checkpoint(
+    tmp_path, tmp_path_factory, micro_model, warm_launcher, workers
+):
+    want = reference_losses(tmp_path_factory, micro_model, workers, warm_launcher)
     job, run = prepared(tmp_path, micro_model, workers)
     checkpoints = run.workdir(1).checkpoints
     rng = random.Random()
@@ -164,8 +166,9 @@ def test_a_killed_worker_restarts_the_gang_from_the_last_checkpoint(tmp_path, tm
                 seen.update(killed=record["step"], resume=latest_valid_checkpoint(checkpoints).name)
                 kill_tree(self.pids[1][victim])  # the whole worker, as when its pod or node dies
 
-    killer = Killer()
-    assert run_stage_processes(job, run, "train", killer) == 0, (kill_at, victim, killer.events)
+    killer, fresh = Killer(), warm_launcher.fresh
+    assert run_stage_processes(job, run, "train", killer, warm_launcher) == 0, (kill_at, victim, killer.events)
+    assert warm_launcher.fresh == fresh, warm_launcher.why_fresh  # every worker of both attempts forked warm
 
     summary = summary_of(run)
     assert "killed" in seen, (kill_at, victim)
@@ -184,19 +187,16 @@ def test_a_killed_worker_restarts_the_gang_from_the_last_checkpoint(tmp_path, tm
 # ---------------------------------------------------------------- preemption
 
 
-def start_workers(job: FineTuneJob, run: LocalRun, port: int) -> list[subprocess.Popen]:
+def start_workers(job: FineTuneJob, run: LocalRun, port: int, launcher: Launcher) -> list[Any]:
     """The train stage as the pods run it: one stage program per worker with the rendezvous environment."""
     work = run.workdir(1)
     config = stage_config(job, run, work, "train")
     command = [sys.executable, "-m", "finetune_operator.stages", "train", "--config", str(config)]
     return [
-        subprocess.Popen(
+        launcher.start(
             [*command, "--workdir", str(work.root)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **_train_env(job, index, port)},
+            {**os.environ, "PYTHONUNBUFFERED": "1", **_train_env(job, index, port)},
+            stage_environment(work.root),
         )
         for index in range(job.spec.resources.workers)
     ]
@@ -205,12 +205,12 @@ def start_workers(job: FineTuneJob, run: LocalRun, port: int) -> list[subprocess
 @pytest.mark.slow
 @SLOW_TIMEOUT
 def test_sigterm_checkpoints_every_rank_at_the_same_step_and_the_same_command_resumes_there(
-    tmp_path, tmp_path_factory, micro_model
+    tmp_path, tmp_path_factory, micro_model, warm_launcher
 ):
-    want = reference_losses(tmp_path_factory, micro_model, 2)
+    want = reference_losses(tmp_path_factory, micro_model, 2, warm_launcher)
     job, run = prepared(tmp_path, micro_model, 2)
     checkpoints = run.workdir(1).checkpoints
-    procs = start_workers(job, run, _free_port())
+    procs = start_workers(job, run, _free_port(), warm_launcher)
     lines: list[str] = []
     try:
         assert procs[0].stdout is not None
@@ -221,8 +221,8 @@ def test_sigterm_checkpoints_every_rank_at_the_same_step_and_the_same_command_re
                 for proc in procs:
                     proc.send_signal(signal.SIGTERM)  # what the kubelet sends a pod's main process
                 break
-        lines += procs[0].communicate(timeout=120)[0].splitlines(keepends=True)
-        procs[1].communicate(timeout=120)
+        lines += output_of(procs[0], timeout=120).splitlines(keepends=True)
+        output_of(procs[1], timeout=120)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -240,9 +240,9 @@ def test_sigterm_checkpoints_every_rank_at_the_same_step_and_the_same_command_re
     losses_before = {s: v for s, v in _losses(lines).items()}
     assert max(losses_before) == stopped
 
-    again = start_workers(job, run, _free_port())
-    out = again[0].communicate(timeout=600)[0]
-    again[1].communicate(timeout=60)
+    again = start_workers(job, run, _free_port(), warm_launcher)
+    out = output_of(again[0], timeout=600)
+    output_of(again[1], timeout=60)
     assert [p.returncode for p in again] == [0, 0], out[-3000:]
     after = _losses(out.splitlines())
     assert min(after) == stopped + 1 and max(after) == STEPS
@@ -262,14 +262,17 @@ def inject(tmp: Path, rank: str, raise_line: str) -> None:
     """Make the train stage of one rank raise (a sitecustomize module on PYTHONPATH, loaded by every process)."""
     folder = tmp / "inject"
     folder.mkdir()
+    # The rank is known only once the stage has read the rendezvous, so the check is made at the call.
     (folder / "sitecustomize.py").write_text(
         "import os\n"
-        f"if os.environ.get('RANK', '0') == {rank!r}:\n"
-        "    import finetune_operator.stages.train as train\n"
-        "    from finetune_operator.stages.contract import StageError\n"
-        "    def broken(config, workdir):\n"
-        f"        {raise_line}\n"
-        "    train.run_train = broken\n"
+        "import finetune_operator.stages.train as train\n"
+        "from finetune_operator.stages.contract import StageError\n"
+        "original = train.run_train\n"
+        "def broken(config, workdir):\n"
+        f"    if os.environ.get('RANK', '0') != {rank!r}:\n"
+        "        return original(config, workdir)\n"
+        f"    {raise_line}\n"
+        "train.run_train = broken\n"
     )
     os.environ["PYTHONPATH"] = f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
 
@@ -286,7 +289,7 @@ def restore_pythonpath():
 
 @pytest.mark.slow
 @SLOW_TIMEOUT
-def test_a_config_error_on_rank_1_exits_3_from_the_launcher_without_a_retry(tmp_path, micro_model, restore_pythonpath):
+def test_a_config_error_on_rank_1_exits_3_without_a_retry(tmp_path, micro_model, restore_pythonpath):
     job, run = prepared(tmp_path, micro_model, 2)
     inject(tmp_path, "1", "raise StageError('spec.training.learningRate: too high (injected)', config_error=True)")
     recorder = Recorder()

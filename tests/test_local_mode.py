@@ -274,10 +274,11 @@ def test_forked_and_fresh_stage_processes_give_the_same_run(tmp_path, monkeypatc
     """Local mode forks each stage from a server that imported the ML stack once (prefork.py); the run it gives
     is the one fresh processes give: the same metrics, the same losses, the same exported weights."""
     import finetune_operator.local as local
+    from finetune_operator.prefork import Launcher
 
-    launchers: list[local.Launcher] = []
+    launchers: list[Launcher] = []
 
-    class Counted(local.Launcher):
+    class Counted(Launcher):  # a server of its own, not the session's (conftest.py's shared_launcher)
         def close(self) -> None:
             launchers.append(self)
             super().close()

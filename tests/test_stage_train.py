@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from finetune_operator.stages.contract import parse_line
 from finetune_operator.stages.runner import run_stage
 
-from .conftest import first_word_rows, local_spec, stage_config, write_jsonl
+from .conftest import first_word_rows, local_spec, output_of, stage_config, write_jsonl
 
 # Real training runs of the ML stack: CI runs them; `-m "not slow"` (the quick loop) leaves them out.
 pytestmark = pytest.mark.slow
@@ -124,11 +125,13 @@ def test_qlora_loads_the_base_in_4bit_nf4_on_cpu(tmp_path, micro_model):
     assert summary["artifact"] == "adapter" and summary["finalLoss"] is not None
 
 
-def _train_process(config: Path, work: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "finetune_operator.stages", "train", "--config", str(config), "--workdir", str(work)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+def _train_process(config: Path, work: Path, env: dict | None = None, launcher: Any = None) -> Any:
+    """The train stage program as a pod runs it; `launcher`: forked from the session's warm server."""
+    argv = [sys.executable, "-m", "finetune_operator.stages", "train", "--config", str(config), "--workdir", str(work)]
+    if launcher is not None:
+        return launcher.start(argv, {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
 
 
 def _losses(lines: list[str]) -> dict[int, float]:
@@ -137,7 +140,7 @@ def _losses(lines: list[str]) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_killed_train_stage_resumes_from_its_checkpoint(tmp_path, micro_model):
+def test_killed_train_stage_resumes_from_its_checkpoint(tmp_path, micro_model, warm_launcher):
     data = write_jsonl(tmp_path / "d.jsonl", first_word_rows(200))
     spec = local_spec(micro_model, data, method={"type": "full"},
                       training={"maxSteps": 30, "learningRate": 0.005, "batchSize": 8, "loggingSteps": 1,
@@ -148,10 +151,10 @@ def test_killed_train_stage_resumes_from_its_checkpoint(tmp_path, micro_model):
     import shutil
 
     shutil.copytree(tmp_path / "work", reference_work)
-    reference = _train_process(config, reference_work)
-    reference_losses = _losses(reference.communicate()[0].splitlines())
+    reference = _train_process(config, reference_work, launcher=warm_launcher)
+    reference_losses = _losses(output_of(reference, timeout=600).splitlines())
 
-    proc = _train_process(config, tmp_path / "work")
+    proc = _train_process(config, tmp_path / "work", launcher=warm_launcher)
     seen: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -164,8 +167,8 @@ def test_killed_train_stage_resumes_from_its_checkpoint(tmp_path, micro_model):
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "work" / "train" / "final").exists()
 
-    resumed = _train_process(config, tmp_path / "work")
-    out = resumed.communicate()[0].splitlines()
+    resumed = _train_process(config, tmp_path / "work", launcher=warm_launcher)
+    out = output_of(resumed, timeout=600).splitlines()
     assert resumed.returncode == 0
     summary = json.loads((tmp_path / "work" / "summaries" / "train.json").read_text())
     assert summary["steps"] == 30 and summary["resumedFrom"] == "checkpoint-10"

@@ -1,4 +1,5 @@
-"""Rendezvous: read the standard environment and, when more than one process is asked for, launch torchrun.
+"""Rendezvous: read the standard environment; a worker of one process is the rank itself, a worker of several
+(one per GPU) launches torchrun.
 
 The operator (Indexed Job) and the local mode set the same variables for every train worker:
   MASTER_ADDR, MASTER_PORT          worker 0's address and port
@@ -55,8 +56,26 @@ def inside_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def become_the_rank(rdzv: Rendezvous) -> None:
+    """One training process per worker (one GPU per pod, or the CPU): this process is the rank, as in a Kubeflow
+    PyTorchJob. It gets the variables torchrun would give its one child (env:// initialisation and the Trainer read
+    them); rank 0 hosts the rendezvous store on MASTER_PORT, as torchrun's agent would. No second interpreter
+    imports the ML stack on every worker, and local mode can fork the worker from its warm server (prefork.py).
+    SIGTERM reaches the rank itself, whose handler checkpoints at the gang's next common step."""
+    os.environ.update(
+        RANK=str(rdzv.node_rank),
+        GROUP_RANK=str(rdzv.node_rank),
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        WORLD_SIZE=str(rdzv.world_size),
+        MASTER_ADDR=rdzv.master_addr,
+        MASTER_PORT=str(rdzv.master_port),
+    )
+
+
 def launch(rdzv: Rendezvous, stage: str, config: Path, workdir: Path, spec: FineTuneJobSpec) -> int:
-    """Run this stage under torchrun (in this process) with the rendezvous, and return one classified exit code.
+    """Run this stage under torchrun (in this process), one training process per GPU of the worker, and return
+    one classified exit code.
 
     torchrun itself exits 1 whenever a worker fails, which would turn a config error into a retry; here the
     workers' own exit codes decide (`most_significant`), so 3/4/5 reach the pod and the Job's podFailurePolicy.

@@ -89,7 +89,7 @@ def run_stage(name: str, config_path: Path, workdir_path: Path) -> int:
         print(f"cannot read the stage config {config_path}: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if name == "train":
-        from .distributed import inside_launcher, launch, rendezvous_from_env
+        from .distributed import become_the_rank, inside_launcher, launch, rendezvous_from_env
 
         rdzv = rendezvous_from_env(config.spec.distributed.master_port)
         if rdzv.world_size > 1 and not inside_launcher():
@@ -101,7 +101,9 @@ def run_stage(name: str, config_path: Path, workdir_path: Path) -> int:
                 nodeRank=rdzv.node_rank,
                 processesPerNode=rdzv.nproc_per_node,
             )
-            return launch(rdzv, name, config_path, workdir_path, config.spec)
+            if rdzv.nproc_per_node > 1:
+                return launch(rdzv, name, config_path, workdir_path, config.spec)
+            become_the_rank(rdzv)
     rank = int(os.environ.get("RANK", "0"))
     emit("stage", name, state="Running", rank=rank)
     try:

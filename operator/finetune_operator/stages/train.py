@@ -72,10 +72,10 @@ def remove_partial_checkpoints(folder: Path, resume: Path | None) -> list[str]:
 class GangCheckpointing:
     """Callbacks that make checkpoints a gang's: one marker once every rank saved, and preemption handling.
 
-    On SIGTERM (eviction, preemption, spot reclaim; torchrun forwards it) a rank only sets a flag. After every
-    optimizer step the ranks all-reduce the flag (one scalar), so all of them stop after the same step, save one
-    checkpoint at that step and leave training; the stage then exits EXIT_PREEMPTED and the next attempt resumes
-    at exactly that step."""
+    On SIGTERM (eviction, preemption, spot reclaim; torchrun forwards it to its ranks) a rank only sets a flag.
+    After every optimizer step the ranks all-reduce the flag (one scalar), so all of them stop after the same step,
+    save one checkpoint at that step and leave training; the stage then exits EXIT_PREEMPTED and the next attempt
+    resumes at exactly that step."""
 
     def __init__(self, reporter: ProgressReporter) -> None:
         self.reporter = reporter
