@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,14 +212,15 @@ def _stage_processes(tmp: Path) -> list[str]:
 
 
 @pytest.mark.timeout(1800)  # two runs (prepare, train, export); 900 s was not enough at a load of 30 on 2 cores
-def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start):
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start, micro_model):
     """What `timeout`, systemd, a CI runner or `kill` send: the stages stop, the run is Suspended, and resumes."""
     manifest = make_job(
         tmp_path,
         training={"maxSteps": 100, "loggingSteps": 10, "checkpointEverySteps": 10},
         evaluation={"enabled": False, "gates": []},
     )
-    proc = start(manifest, "--init-model", "micro", "-q")
+    shutil.copytree(micro_model, tmp_path / "model")  # what --init-model builds, without importing torch for it
+    proc = start(manifest, "-q")
     _wait_for(tmp_path / "out" / ".work" / "run-1" / "train" / "checkpoints" / "checkpoint-10", proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -236,9 +238,10 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, start):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
-def test_ctrl_c_and_a_closed_terminal_stop_like_sigterm(tmp_path, start, signum):
+def test_ctrl_c_and_a_closed_terminal_stop_like_sigterm(tmp_path, start, micro_model, signum):
     manifest = make_job(tmp_path, training={"maxSteps": 100000}, evaluation={"enabled": False, "gates": []})
-    proc = start(manifest, "--init-model", "micro", "-q")
+    shutil.copytree(micro_model, tmp_path / "model")
+    proc = start(manifest, "-q")
     _wait_for(tmp_path / "out" / ".work" / "run-1" / "train.log", proc)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)

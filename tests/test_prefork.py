@@ -22,7 +22,8 @@ pytestmark = pytest.mark.xdist_group("test_prefork")
 # A program that reports what a process sees of itself, then does a little torch work on its intra-op threads
 # (a fork must leave torch's native threads usable) and exits with the code it was given.
 PROBE = """
-import atexit, json, os, random, sys
+import atexit, gc, json, os, random, sys
+frozen = gc.get_freeze_count()  # before this program's own imports
 import numpy, torch
 atexit.register(lambda: print("atexit ran", flush=True))
 print("to stderr", file=sys.stderr, flush=True)
@@ -30,7 +31,7 @@ x = torch.ones(256, 256)
 report = {
     "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ), "session": os.getsid(0) == os.getpid(),
     "stdin": sys.stdin.read(), "numpy": float(numpy.random.random()), "random": random.random(),
-    "matmul": float((x @ x).sum()), "path0": sys.path[0],
+    "matmul": float((x @ x).sum()), "path0": sys.path[0], "frozen": frozen,
 }
 print(json.dumps(report), flush=True)
 if sys.argv[1] == "wait":
@@ -89,6 +90,8 @@ def test_a_forked_child_sees_what_a_fresh_process_would(launcher, program):
     assert report["session"] and fresh_report["session"]
     assert report["stdin"] == "" and report["matmul"] == fresh_report["matmul"] == 256.0**3
     assert sorted(other) == sorted(fresh_other) == ["atexit ran", "to stderr"]
+    # The one difference, on purpose: what the server imported is left out of the child's garbage collections.
+    assert report["frozen"] > 10_000 and fresh_report["frozen"] == 0
 
 
 def test_children_do_not_share_random_state(launcher, program):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api.spec import LOWER_IS_BETTER, FineTuneJobSpec, SearchSpec
-from .contract import StageConfig, StageError, Workdir, emit
+from .contract import StageConfig, StageError, Workdir, emit, freeze_what_is_loaded
 
 DEFAULT_TRIAL_STEPS = 50
 RESULT_FILE = "result.json"
@@ -295,6 +295,7 @@ def run_search(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
         emit("step", "search", message=f"trial {number}/{search.trials}: {_values_text(values)} -> {metric} {shown}")
         return trial
 
+    freeze_what_is_loaded()  # before any trial's model exists: those are collected after their trial
     method = optimise(space, book, search.trials, direction, run_trial)
     winner = best_trial(book.trials, direction)
     if winner is None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .contract import EXIT_PREEMPTED, StageConfig, StageError, Workdir, emit
+from .contract import EXIT_PREEMPTED, StageConfig, StageError, Workdir, emit, freeze_what_is_loaded
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 BATCH_STATE = "finetune-batch.json"  # the micro-batch after out-of-memory recoveries, kept across restarts
@@ -593,6 +593,7 @@ def run_train(config: StageConfig, workdir: Workdir) -> dict[str, Any]:
     torch.manual_seed(spec.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(workdir.tokenizer))
     batch = resolve_batch(config, workdir)
+    freeze_what_is_loaded()  # before the model: one that an out-of-memory retry drops is still collected
     started = time.monotonic()
     while True:
         trainer, resume = _prepared_trainer(config, workdir, tokenizer, precision, batch, reporter, gang)
