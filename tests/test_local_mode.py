@@ -273,24 +273,30 @@ def test_an_invalid_manifest_is_refused_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_forked_and_fresh_stage_processes_give_the_same_run(tmp_path, monkeypatch):
+def test_forked_and_fresh_stage_processes_give_the_same_run(tmp_path, monkeypatch, warm_launcher):
     """Local mode forks each stage from a server that imported the ML stack once (prefork.py); the run it gives
     is the one fresh processes give: the same metrics, the same losses, the same exported weights."""
     import finetune_operator.local as local
     from finetune_operator.prefork import Launcher
 
-    launchers: list[Launcher] = []
+    session_server = local.Launcher  # conftest.py's shared_launcher: the session's warm server
+    switched_off: list[Launcher] = []
 
-    class Counted(Launcher):  # a server of its own, not the session's (conftest.py's shared_launcher)
+    class Counted(Launcher):
         def close(self) -> None:
-            launchers.append(self)
+            switched_off.append(self)
             super().close()
 
-    monkeypatch.setattr(local, "Launcher", Counted)
     results = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("FINETUNE_PREFORK", mode)
-        folder = tmp_path / f"prefork-{mode}"
+    for mode in ("fresh", "forked"):
+        if mode == "fresh":  # FINETUNE_PREFORK=0, read by the run's own Launcher
+            monkeypatch.setenv("FINETUNE_PREFORK", "0")
+            monkeypatch.setattr(local, "Launcher", Counted)
+        else:  # forked from a warm server, as every other local run of the suite
+            monkeypatch.delenv("FINETUNE_PREFORK")
+            monkeypatch.setattr(local, "Launcher", session_server)
+            forked, fresh = warm_launcher.forked, warm_launcher.fresh
+        folder = tmp_path / mode
         folder.mkdir()
         manifest = make_job(folder, training={"maxSteps": 12, "loggingSteps": 4, "checkpointEverySteps": 6},
                             evaluation={"gates": []})  # fmt: skip
@@ -298,8 +304,9 @@ def test_forked_and_fresh_stage_processes_give_the_same_run(tmp_path, monkeypatc
         status = FineTuneJobStatus.model_validate(status_of(folder))
         merged = next(a for a in status.artifacts if a.name == "merged")
         results[mode] = (status.metrics.tuned, status.metrics.base, status.progress.loss, merged.sha256)
-    assert [(c.forked, c.fresh) for c in launchers] == [(0, 4), (4, 0)]
-    assert results["0"] == results["1"]
+    assert [(c.forked, c.fresh) for c in switched_off] == [(0, 4)]
+    assert (warm_launcher.forked - forked, warm_launcher.fresh - fresh) == (4, 0), warm_launcher.why_fresh
+    assert results["fresh"] == results["forked"]
 
 
 @pytest.mark.parametrize("gpus_per_worker", [0, 1])
