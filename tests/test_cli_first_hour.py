@@ -111,13 +111,15 @@ def test_validate_local_and_run_init_model_agree_on_a_model_to_build(tmp_path):
 
 
 def test_render_namespace_fills_in_but_never_overrides(tmp_path):
-    named = EXAMPLES / "lora-sft-llama-8b-kueue.yaml"
+    named = tmp_path / "named.yaml"  # the example, with a namespace of its own
+    raw = yaml.safe_load((EXAMPLES / "lora-sft-llama-8b-kueue.yaml").read_text())
+    raw["metadata"]["namespace"] = "ml-team"
+    named.write_text(yaml.safe_dump(raw))
     clash = cli("render", str(named), "--namespace", "ml")
     assert clash.returncode == 1 and "metadata.namespace is 'ml-team' but --namespace says 'ml'" in clash.stderr
     same = cli("render", str(named), "--namespace", "ml-team", "--stage", "train")
     assert {o["metadata"].get("namespace") for o in yaml.safe_load_all(same.stdout)} == {"ml-team"}
     unnamed = tmp_path / "job.yaml"
-    raw = yaml.safe_load(named.read_text())
     del raw["metadata"]["namespace"]
     unnamed.write_text(yaml.safe_dump(raw))
     filled = cli("render", str(unnamed), "--namespace", "ml", "--stage", "train")
