@@ -160,20 +160,12 @@ def warm_launcher(stage_caches):
             env = {name: value for name, value in env.items() if not name.startswith("PYTEST_")}
             return super().start(argv, env, *args, **kwargs)
 
-    with SessionLauncher(warm=True) as launcher:
-        yield launcher
+        def close(self) -> None:  # a run's `launcher.close()`: the server stays for the next run
+            pass
 
-
-class _Shared:
-    """A run's `Launcher()` that is the session's warm one; the run's `close()` leaves it running."""
-
-    def __init__(self, launcher: Any) -> None:
-        self._launcher = launcher
-
-    def start(self, *args: Any, **kwargs: Any) -> Any:
-        return self._launcher.start(*args, **kwargs)
-
-    def close(self) -> None: ...
+    launcher = SessionLauncher(warm=True)
+    yield launcher
+    Launcher.close(launcher)
 
 
 def output_of(process: Any, timeout: float) -> str:
@@ -196,7 +188,7 @@ def shared_launcher(warm_launcher, monkeypatch):
     from finetune_operator.prefork import Launcher
 
     def launcher(*args: Any, **kwargs: Any) -> Any:
-        return Launcher(*args, **kwargs) if args or kwargs else _Shared(warm_launcher)
+        return Launcher(*args, **kwargs) if args or kwargs else warm_launcher
 
     monkeypatch.setattr(local, "Launcher", launcher)
     return warm_launcher

@@ -15,6 +15,7 @@ import pytest
 from finetune_operator.prefork import CORE, ForkedProcess, Launcher
 
 from .cluster import wait_until
+from .conftest import output_of
 
 # One xdist worker runs the whole module, so its module-scoped fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_prefork")
@@ -68,9 +69,9 @@ def start(launcher: Launcher, program: Path, arg: str, **env: str) -> Any:
 
 
 def finish(process: Any) -> tuple[int, dict[str, Any], list[str]]:
-    lines = process.stdout.read().splitlines()
+    lines = output_of(process, timeout=120).splitlines()
     process.stdout.close()
-    code = process.wait(timeout=120)
+    code = process.returncode
     report = next(json.loads(line) for line in lines if line.startswith("{"))
     return code, report, [line for line in lines if not line.startswith("{")]
 

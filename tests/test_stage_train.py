@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +123,10 @@ def test_qlora_loads_the_base_in_4bit_nf4_on_cpu(tmp_path, micro_model):
     assert summary["artifact"] == "adapter" and summary["finalLoss"] is not None
 
 
-def _train_process(config: Path, work: Path, env: dict | None = None, launcher: Any = None) -> Any:
-    """The train stage program as a pod runs it; `launcher`: forked from the session's warm server."""
+def _train_process(launcher: Any, config: Path, work: Path, env: dict | None = None) -> Any:
+    """The train stage program as a pod runs it, forked from the session's warm server (`warm_launcher`)."""
     argv = [sys.executable, "-m", "finetune_operator.stages", "train", "--config", str(config), "--workdir", str(work)]
-    if launcher is not None:
-        return launcher.start(argv, {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **(env or {})})  # fmt: skip
+    return launcher.start(argv, {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def _losses(lines: list[str]) -> dict[int, float]:
@@ -151,10 +146,10 @@ def test_killed_train_stage_resumes_from_its_checkpoint(tmp_path, micro_model, w
     import shutil
 
     shutil.copytree(tmp_path / "work", reference_work)
-    reference = _train_process(config, reference_work, launcher=warm_launcher)
+    reference = _train_process(warm_launcher, config, reference_work)
     reference_losses = _losses(output_of(reference, timeout=600).splitlines())
 
-    proc = _train_process(config, tmp_path / "work", launcher=warm_launcher)
+    proc = _train_process(warm_launcher, config, tmp_path / "work")
     seen: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -167,7 +162,7 @@ def test_killed_train_stage_resumes_from_its_checkpoint(tmp_path, micro_model, w
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "work" / "train" / "final").exists()
 
-    resumed = _train_process(config, tmp_path / "work", launcher=warm_launcher)
+    resumed = _train_process(warm_launcher, config, tmp_path / "work")
     out = output_of(resumed, timeout=600).splitlines()
     assert resumed.returncode == 0
     summary = json.loads((tmp_path / "work" / "summaries" / "train.json").read_text())
@@ -180,7 +175,7 @@ def test_killed_train_stage_resumes_from_its_checkpoint(tmp_path, micro_model, w
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu(tmp_path, micro_model):
+def test_two_process_ddp_on_cpu(tmp_path, micro_model, warm_launcher):
     data = write_jsonl(tmp_path / "d.jsonl", first_word_rows(160))
     spec = local_spec(micro_model, data, method={"type": "lora"},
                       training={"epochs": 1, "maxSteps": None, "batchSize": 8, "learningRate": 0.01})  # fmt: skip
@@ -189,14 +184,14 @@ def test_two_process_ddp_on_cpu(tmp_path, micro_model):
     assert run_stage("prepare", config, tmp_path / "work") == 0
     rows = json.loads((tmp_path / "work" / "summaries" / "prepare.json").read_text())["rows"]["train"]
     proc = _train_process(
+        warm_launcher,
         config,
         tmp_path / "work",
         {"NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"},
     )
-    out, _ = proc.communicate(timeout=600)
+    out = output_of(proc, timeout=600)
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads((tmp_path / "work" / "summaries" / "train.json").read_text())
     assert summary["worldSize"] == 2
     assert summary["steps"] == -(-rows // 16)  # two processes x 8 rows per optimizer step
     assert (tmp_path / "work" / "train" / "final" / "adapter_model.safetensors").exists()
-    time.sleep(0)
