@@ -27,6 +27,7 @@ from finetune_operator.cluster.kube import (
     KubeConfigError,
     RetryPolicy,
     check_reachable,
+    collection,
     load_configuration,
 )
 from finetune_operator.controller import connection_info
@@ -201,8 +202,8 @@ def stage_objects(job: FineTuneJob, stage: str = "prepare") -> dict[str, dict[st
     return {o["kind"]: o for o in build_stage(job, stage, OperatorSettings()).all()}
 
 
-def read_config_map(api: KubeApi, namespace: str, name: str) -> dict[str, Any]:
-    return api.api_client.sanitize_for_serialization(api.core.read_namespaced_config_map(name, namespace))
+def read(api: KubeApi, kind: str, namespace: str, name: str) -> dict[str, Any]:
+    return api.request(f"read {kind}", "GET", f"{collection(kind, namespace)}/{name}")
 
 
 def test_the_real_stage_objects_are_created_once_a_409_for_the_same_run_is_ours(api: KubeApi, namespace: str):
@@ -213,11 +214,10 @@ def test_the_real_stage_objects_are_created_once_a_409_for_the_same_run_is_ours(
     again = stage_objects(job)  # built anew, as after an operator restart: the same spec hash
     assert {kind: api.create(obj) for kind, obj in again.items()} == {
         "Job": "exists", "ConfigMap": "exists", "PersistentVolumeClaim": "exists"}  # fmt: skip
-    stored = read_config_map(api, namespace, "demo-prepare-config")
+    stored = read(api, "ConfigMap", namespace, "demo-prepare-config")
     assert len(stored["metadata"]["annotations"][SPEC_HASH]) == 64
-    job_on_server = api.batch.read_namespaced_job("demo-prepare", namespace).to_dict()
-    owner = job_on_server["metadata"]["owner_references"][0]
-    assert owner["uid"] == job.uid and owner["controller"] and not owner.get("block_owner_deletion")
+    owner = read(api, "Job", namespace, "demo-prepare")["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == job.uid and owner["controller"] and not owner.get("blockOwnerDeletion")
 
 
 def test_an_earlier_runs_child_is_replaced_not_reused(api: KubeApi, namespace: str):
@@ -227,7 +227,7 @@ def test_an_earlier_runs_child_is_replaced_not_reused(api: KubeApi, namespace: s
     job.spec.training.epochs = 2
     run2 = stage_objects(job)["ConfigMap"]
     assert api.create(run2) == "replaced"
-    stored = read_config_map(api, namespace, "demo-prepare-config")
+    stored = read(api, "ConfigMap", namespace, "demo-prepare-config")
     assert stored["metadata"]["labels"]["finetune.dev/run"] == "2"
     assert json.loads(stored["data"]["config.json"])["spec"]["training"]["epochs"] == 2
 
@@ -235,25 +235,25 @@ def test_an_earlier_runs_child_is_replaced_not_reused(api: KubeApi, namespace: s
 def test_a_child_left_by_an_earlier_job_of_the_same_name_is_replaced(api: KubeApi, namespace: str):
     assert api.create(stage_objects(a_job(namespace, uid="0b7f3a2e-0000-4000-8000-00000000000a"))["Job"]) == "created"
     assert api.create(stage_objects(a_job(namespace))["Job"]) == "replaced"
-    stored = api.batch.read_namespaced_job("demo-prepare", namespace).to_dict()
-    assert stored["metadata"]["owner_references"][0]["uid"] == "0b7f3a2e-0000-4000-8000-000000000001"
+    stored = read(api, "Job", namespace, "demo-prepare")
+    assert stored["metadata"]["ownerReferences"][0]["uid"] == "0b7f3a2e-0000-4000-8000-000000000001"
 
 
 def test_an_object_the_operator_did_not_make_is_refused_and_left_alone(api: KubeApi, namespace: str):
     theirs = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "demo-prepare-config"},
               "data": {"config.json": "{}"}}  # fmt: skip
-    api.core.create_namespaced_config_map(namespace, theirs)
+    api.request("create theirs", "POST", collection("ConfigMap", namespace), body=theirs)
     with pytest.raises(ApiCallError, match=r"ConfigMap .*/demo-prepare-config: an object of that name exists that"):
         api.create(stage_objects(a_job(namespace))["ConfigMap"])
-    assert read_config_map(api, namespace, "demo-prepare-config")["data"] == {"config.json": "{}"}
+    assert read(api, "ConfigMap", namespace, "demo-prepare-config")["data"] == {"config.json": "{}"}
 
 
 def test_the_workspace_of_a_job_is_never_replaced_its_data_outlives_runs(api: KubeApi, namespace: str):
     assert api.create(stage_objects(a_job(namespace, run=1))["PersistentVolumeClaim"]) == "created"
     bigger = build_stage(a_job(namespace, run=2), "prepare", OperatorSettings(workspace_size="5Gi")).all()
     assert api.create(next(o for o in bigger if o["kind"] == "PersistentVolumeClaim")) == "exists"
-    stored = api.core.read_namespaced_persistent_volume_claim("demo-workspace", namespace)
-    assert stored.spec.resources.requests["storage"] == "100Gi"
+    stored = read(api, "PersistentVolumeClaim", namespace, "demo-workspace")
+    assert stored["spec"]["resources"]["requests"]["storage"] == "100Gi"
 
 
 # ---------------------------------------------------------------------------------- status, on the real server
@@ -282,33 +282,38 @@ def widget_crd(apiserver: ApiServer) -> tuple[str, str, str]:
 
 def test_a_status_write_removes_what_the_new_status_leaves_out(api: KubeApi, namespace: str, widget_crd):
     group, version, plural = widget_crd
+    widgets = client.CustomObjectsApi(api.api_client)
     body = {"apiVersion": f"{group}/{version}", "kind": "Widget", "metadata": {"name": "demo"}, "spec": {}}
-    api.custom.create_namespaced_custom_object(group, version, namespace, plural, body)
+    widgets.create_namespaced_custom_object(group, version, namespace, plural, body)
     run1 = {"run": 1, "phase": "Succeeded", "metrics": {"tuned": {"exactMatch": 0.9}}, "completionTime": "t1",
             "stages": {"prepare": {"state": "Succeeded"}, "export": {"state": "Succeeded"}}}  # fmt: skip
     run2 = {"run": 2, "phase": "Training", "stages": {"prepare": {"state": "Succeeded"}},
             "runs": [{"run": 1, "phase": "Succeeded"}]}  # fmt: skip
     assert api.write_status(namespace, "demo", run1, resource=widget_crd)
     assert api.write_status(namespace, "demo", run2, resource=widget_crd)
-    stored = api.custom.get_namespaced_custom_object(group, version, namespace, plural, "demo")
+    stored = widgets.get_namespaced_custom_object(group, version, namespace, plural, "demo")
     assert stored["status"] == run2  # run 1's metrics, completionTime and export stage are gone
     managers = {m["manager"] for m in stored["metadata"]["managedFields"] if m.get("subresource") == "status"}
     assert managers == {"finetune-operator"}
     # Why not a merge patch: it keeps what it does not mention.
-    api.custom.patch_namespaced_custom_object_status(group, version, namespace, plural, "demo", {"status": run1})
-    api.custom.patch_namespaced_custom_object_status(group, version, namespace, plural, "demo", {"status": run2})
-    merged = api.custom.get_namespaced_custom_object(group, version, namespace, plural, "demo")["status"]
+    widgets.patch_namespaced_custom_object_status(group, version, namespace, plural, "demo", {"status": run1})
+    widgets.patch_namespaced_custom_object_status(group, version, namespace, plural, "demo", {"status": run2})
+    merged = widgets.get_namespaced_custom_object(group, version, namespace, plural, "demo")["status"]
     assert merged["metrics"] == run1["metrics"]
     assert not api.write_status(namespace, "gone", run2, resource=widget_crd)  # a deleted job: no error, no retry
 
 
 def test_an_event_is_posted_about_the_object_from_any_thread(api: KubeApi, namespace: str):
     """Events go through the operator's client, not kopf.event (which works only inside a kopf handler)."""
-    created = api.core.create_namespaced_config_map(namespace, {"metadata": {"name": "about"}})
-    about = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "about", "namespace": namespace,
-                                                                    "uid": created.metadata.uid}}  # fmt: skip
+    created = api.request("create", "POST", collection("ConfigMap", namespace), body={"metadata": {"name": "about"}})
+    uid = created["metadata"]["uid"]
+    about = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "about", "namespace": namespace, "uid": uid}}
     api.post_event(about, "Warning", "ApiError", "create Job ml/demo-train: 500 Internal Server Error")
-    events = api.core.list_namespaced_event(namespace, field_selector=f"involvedObject.uid={created.metadata.uid}")
-    [event] = events.items
-    assert (event.type, event.reason, event.source.component) == ("Warning", "ApiError", "finetune-operator")
-    assert event.message == "create Job ml/demo-train: 500 Internal Server Error" and event.last_timestamp
+    query = {"fieldSelector": f"involvedObject.uid={uid}"}
+    [event] = api.request("list", "GET", collection("Event", namespace), query=query)["items"]
+    assert (event["type"], event["reason"], event["source"]["component"]) == (
+        "Warning",
+        "ApiError",
+        "finetune-operator",
+    )
+    assert event["message"] == "create Job ml/demo-train: 500 Internal Server Error" and event["lastTimestamp"]

@@ -170,10 +170,8 @@ def test_the_operator_creates_and_removes_the_playground_on_the_real_api_server(
     of the planner's decisions. That server serves core and batch kinds but no apps/v1, so the ConfigMap and the
     Service are created for real and the Deployment, posted last, is refused there with a 404 (a real cluster takes
     it; its manifest is checked against the schema above); the TTL's removal then deletes what exists."""
-    from kubernetes import client
-
     from finetune_operator.cluster.context import OperatorSettings
-    from finetune_operator.cluster.kube import ApiCallError, KubeApi
+    from finetune_operator.cluster.kube import ApiCallError, KubeApi, collection
     from finetune_operator.controller import apply
 
     api = KubeApi(apiserver.api_client())
@@ -184,19 +182,23 @@ def test_the_operator_creates_and_removes_the_playground_on_the_real_api_server(
     with pytest.raises(ApiCallError) as refused:
         apply(api, job, result, OperatorSettings())
     assert refused.value.status == 404 and refused.value.action.startswith("create Deployment"), refused.value
-    service = api.core.read_namespaced_service("demo-playground", namespace)
-    assert service.spec.type == "ClusterIP" and service.spec.ports[0].port == PORT
-    assert service.spec.selector == {"finetune.dev/job": "demo", "finetune.dev/stage": "playground"}
-    assert service.metadata.owner_references[0].uid == job.metadata["uid"]
-    config_map = api.core.read_namespaced_config_map("demo-playground", namespace)
-    assert yaml.safe_load(config_map.data["status.yaml"])["run"] == 1 and "config.json" in config_map.data
+
+    def read(kind: str) -> dict:
+        return api.request(f"read {kind}", "GET", f"{collection(kind, namespace)}/demo-playground")
+
+    service = read("Service")
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["ports"][0]["port"] == PORT
+    assert service["spec"]["selector"] == {"finetune.dev/job": "demo", "finetune.dev/stage": "playground"}
+    assert service["metadata"]["ownerReferences"][0]["uid"] == job.metadata["uid"]
+    config_map = read("ConfigMap")
+    assert yaml.safe_load(config_map["data"]["status.yaml"])["run"] == 1 and "config.json" in config_map["data"]
     # A second pass (the Deployment retried) leaves the two as they are: ours, same run, same spec.
     assert [api.create(o) for o in build_playground(job) if o["kind"] != "Deployment"] == ["exists", "exists"]
 
     later = step(job, dict(seen), now=T0 + dt.timedelta(seconds=601))
     assert later.playground == "delete"
     apply(api, job, later, OperatorSettings())  # the Deployment's 404 is tolerated like any absent child
-    for read in (api.core.read_namespaced_service, api.core.read_namespaced_config_map):
-        with pytest.raises(client.ApiException) as gone:
-            read("demo-playground", namespace)
+    for kind in ("Service", "ConfigMap"):
+        with pytest.raises(ApiCallError) as gone:
+            read(kind)
         assert gone.value.status == 404

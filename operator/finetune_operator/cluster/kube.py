@@ -206,17 +206,41 @@ def spec_hash(obj: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_COLLECTIONS = {
+    "Job": ("/apis/batch/v1", "jobs"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Service": ("/api/v1", "services"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Event": ("/api/v1", "events"),
+    "Pod": ("/api/v1", "pods"),
+    "PodGroup": ("/apis/scheduling.volcano.sh/v1beta1", "podgroups"),
+}
+
+
+def collection(kind: str, namespace: str, api_version: str | None = None) -> str:
+    """The REST path of a namespaced collection: `/apis/batch/v1/namespaces/ml/jobs`."""
+    if kind not in _COLLECTIONS:
+        raise ValueError(f"no REST path for kind {kind}")
+    prefix, plural = _COLLECTIONS[kind]
+    if api_version and "/" in api_version:
+        prefix = f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{plural}"
+
+
 class KubeApi:
-    """Synchronous kubernetes-client calls (the controller runs them in its worker threads)."""
+    """Synchronous calls to the API server (the controller runs them in its worker threads).
+
+    They go through the kubernetes client's `ApiClient` (configuration, auth, TLS, connection pool) but not its
+    typed APIs: the operator sends and reads plain JSON, and instantiating `CoreV1Api`, `BatchV1Api` and
+    `AppsV1Api` cost ~1.5 s of CPU at every operator start (thousands of validating wrappers) for the eight REST
+    paths it uses.
+    """
 
     def __init__(self, api_client: client.ApiClient | None = None, retry: RetryPolicy | None = None) -> None:
         self.api_client = api_client or client.ApiClient()
         # Audit logs and API priority-and-fairness rules can tell the operator's writes apart by this.
         self.api_client.user_agent = _user_agent()
-        self.core = client.CoreV1Api(self.api_client)
-        self.batch = client.BatchV1Api(self.api_client)
-        self.apps = client.AppsV1Api(self.api_client)
-        self.custom = client.CustomObjectsApi(self.api_client)
         self.retry = retry or RetryPolicy()
 
     @classmethod
@@ -243,41 +267,40 @@ class KubeApi:
                 self.retry.sleep(delay)
         raise AssertionError("unreachable")
 
-    # -- children
+    def send(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+        _request_timeout: Any = REQUEST_TIMEOUT,
+    ) -> str:
+        """One request; the answer's body as text (the connection goes back to the pool), or an ApiException."""
+        headers = {"Accept": accept}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        request = self.api_client.param_serialize(
+            method,
+            path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        reply = self.api_client.call_api(*request, _request_timeout=_request_timeout)
+        data = reply.read()
+        text = data.decode("utf-8", "replace") if data else ""
+        if not 200 <= reply.status <= 299:
+            raise ApiException.from_response(http_resp=reply, body=text, data=None)
+        return text
 
-    def _kind(self, kind: str, api_version: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
-        """(create, read, delete) for a child kind, called as create(ns, body), read(ns, name), delete(ns, name)."""
-        if kind == "Job":
-            b = self.batch
-            return (
-                lambda ns, obj, **kw: b.create_namespaced_job(ns, obj, **kw),
-                lambda ns, name, **kw: b.read_namespaced_job(name, ns, **kw),
-                lambda ns, name, **kw: b.delete_namespaced_job(name, ns, **kw),
-            )
-        nouns = {"ConfigMap": "config_map", "Service": "service", "PersistentVolumeClaim": "persistent_volume_claim"}
-        if kind in nouns:
-            noun, c = nouns[kind], self.core
-            return (
-                lambda ns, obj, **kw: getattr(c, f"create_namespaced_{noun}")(ns, obj, **kw),
-                lambda ns, name, **kw: getattr(c, f"read_namespaced_{noun}")(name, ns, **kw),
-                lambda ns, name, **kw: getattr(c, f"delete_namespaced_{noun}")(name, ns, **kw),
-            )
-        if kind == "Deployment":
-            a = self.apps
-            return (
-                lambda ns, obj, **kw: a.create_namespaced_deployment(ns, obj, **kw),
-                lambda ns, name, **kw: a.read_namespaced_deployment(name, ns, **kw),
-                lambda ns, name, **kw: a.delete_namespaced_deployment(name, ns, **kw),
-            )
-        if kind == "PodGroup":
-            group, ver = api_version.split("/")
-            cu = self.custom
-            return (
-                lambda ns, obj, **kw: cu.create_namespaced_custom_object(group, ver, ns, "podgroups", obj, **kw),
-                lambda ns, name, **kw: cu.get_namespaced_custom_object(group, ver, ns, "podgroups", name, **kw),
-                lambda ns, name, **kw: cu.delete_namespaced_custom_object(group, ver, ns, "podgroups", name, **kw),
-            )
-        raise ValueError(f"no create for kind {kind}")
+    def request(self, action: str, method: str, path: str, **kwargs: Any) -> Any:
+        """`send` retried while transient, its JSON answer decoded."""
+        return json.loads(self.call(action, self.send, method, path, **kwargs) or "null")
+
+    # -- children
 
     def create(self, obj: dict[str, Any]) -> str:
         """Create a child: 'created', 'exists' (ours, for this job and run, left as is) or 'replaced'.
@@ -290,19 +313,19 @@ class KubeApi:
         obj["metadata"].setdefault("annotations", {})[SPEC_HASH] = spec_hash(obj)
         ns, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
         what = f"{kind} {ns}/{name}"
-        create, read, delete = self._kind(kind, obj.get("apiVersion", "v1"))
+        path = collection(kind, ns, obj.get("apiVersion"))
         try:
-            self._write(f"create {what}", create, ns, obj)
+            self.call(f"create {what}", self.send, "POST", path, obj)
             return "created"
         except ApiCallError as exc:
             if exc.status != 409:
                 raise
         try:
-            existing = self.api_client.sanitize_for_serialization(self.call(f"read {what}", read, ns, name))
+            existing = self.request(f"read {what}", "GET", f"{path}/{name}")
         except ApiCallError as exc:
             if exc.status != 404:
                 raise
-            self._write(f"create {what}", create, ns, obj)  # it went away in between
+            self.call(f"create {what}", self.send, "POST", path, obj)  # it went away in between
             return "created"
         verdict = _compare(existing, obj)
         if verdict == "same":
@@ -319,39 +342,31 @@ class KubeApi:
         log.info("replacing %s: %s", what, verdict)
         uid = existing["metadata"]["uid"]
         try:
-            self.call(
-                f"delete stale {what}",
-                delete,
-                ns,
-                name,
-                propagation_policy="Background",
-                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)),
-            )
+            options = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
+            self.call(f"delete stale {what}", self.send, "DELETE", f"{path}/{name}", options)
         except ApiCallError as exc:
             if exc.status not in (404, 409):
                 raise
         try:
-            self._write(f"create {what}", create, ns, obj)
+            self.call(f"create {what}", self.send, "POST", path, obj)
         except ApiCallError as exc:
             if exc.status == 409:  # still terminating (finalizers): try again on the next reconcile
                 raise ApiCallError(f"create {what}", "a stale object of that name is still being deleted", 503) from exc
             raise
         return "replaced"
 
-    def _write(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """A write whose answer is not needed: not decoded into the client's models (for a stage Job that costs
-        more CPU than the rest of the hand-off), only drained so that the connection goes back to the pool."""
-        reply = self.call(action, fn, *args, _preload_content=False, **kwargs)
-        reply.read()
-        reply.release_conn()
-
-    def _delete(self, action: str, fn: Any, *args: Any, propagation: str = "Background") -> None:
+    def _delete(self, kind: str, namespace: str, name: str, propagation: str = "Background", **kw: Any) -> None:
+        """Delete one object; one that is already gone is fine."""
         try:
-            # The response body is not needed; not decoding it avoids the client's per-kind model of the reply
-            # (a Service delete may answer with a Status, which the generated V1Service model refuses).
-            reply = self.call(action, fn, *args, propagation_policy=propagation, _preload_content=False)
-            reply.read()  # drain it so the connection goes back to the pool
-            reply.release_conn()
+            options = {"propagationPolicy": propagation}
+            self.call(
+                f"delete {kind} {namespace}/{name}",
+                self.send,
+                "DELETE",
+                f"{collection(kind, namespace)}/{name}",
+                options,
+                **kw,
+            )
         except ApiCallError as exc:
             if exc.status != 404:
                 raise
@@ -361,36 +376,23 @@ class KubeApi:
 
         Foreground: the Job stays (terminating) until its pods are gone, so the next attempt's Job of the same name
         is created only then: no old worker still saving into the workspace or answering the rendezvous address."""
-        where = f"{namespace}/{name}"
-        self._delete(f"delete Job {where}", self.batch.delete_namespaced_job, name, namespace, propagation="Foreground")
-        self._delete(
-            f"delete ConfigMap {where}-config", self.core.delete_namespaced_config_map, f"{name}-config", namespace
-        )
-        self._delete(f"delete Service {where}", self.core.delete_namespaced_service, name, namespace)
+        self._delete("Job", namespace, name, propagation="Foreground")
+        self._delete("ConfigMap", namespace, f"{name}-config")
+        self._delete("Service", namespace, name)
         try:
-            self.call(
-                f"delete PodGroup {where}",
-                self.custom.delete_namespaced_custom_object,
-                "scheduling.volcano.sh",
-                "v1beta1",
-                namespace,
-                "podgroups",
-                name,
-                retry=False,
-            )
-        except ApiCallError as exc:  # Volcano is optional: no CRD answers 404
+            self._delete("PodGroup", namespace, name, retry=False)
+        except ApiCallError as exc:  # Volcano is optional: without its CRD the path answers 404 (or 405)
             log.debug("podgroup delete: %s", exc)
 
     def delete_playground(self, namespace: str, name: str) -> None:
         """Delete the playground's Deployment (its pods go with it), Service and ConfigMap."""
-        where = f"{namespace}/{name}"
-        self._delete(f"delete Deployment {where}", self.apps.delete_namespaced_deployment, name, namespace)
-        self._delete(f"delete Service {where}", self.core.delete_namespaced_service, name, namespace)
-        self._delete(f"delete ConfigMap {where}", self.core.delete_namespaced_config_map, name, namespace)
+        self._delete("Deployment", namespace, name)
+        self._delete("Service", namespace, name)
+        self._delete("ConfigMap", namespace, name)
 
     def job_exists(self, namespace: str, name: str) -> bool:
         try:
-            self.call(f"read Job {namespace}/{name}", self.batch.read_namespaced_job, name, namespace)
+            self.call(f"read Job {namespace}/{name}", self.send, "GET", f"{collection('Job', namespace)}/{name}")
         except ApiCallError as exc:
             if exc.status == 404:
                 return False
@@ -398,13 +400,13 @@ class KubeApi:
         return True
 
     def list_jobs(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        result = self.call(
+        listed = self.request(
             f"list Jobs of {namespace}/{job}",
-            self.batch.list_namespaced_job,
-            namespace,
-            label_selector=f"finetune.dev/job={job}",
+            "GET",
+            collection("Job", namespace),
+            query={"labelSelector": f"finetune.dev/job={job}"},
         )
-        return [self.api_client.sanitize_for_serialization(item) for item in result.items]
+        return listed.get("items") or []
 
     def delete_children(self, namespace: str, job: str, keep_run: int | None) -> None:
         """Delete the stage children of every run but `keep_run` (all of them when None)."""
@@ -414,12 +416,7 @@ class KubeApi:
                 self.delete_stage(namespace, item["metadata"]["name"])
 
     def delete_workspace(self, namespace: str, claim: str) -> None:
-        self._delete(
-            f"delete PersistentVolumeClaim {namespace}/{claim}",
-            self.core.delete_namespaced_persistent_volume_claim,
-            claim,
-            namespace,
-        )
+        self._delete("PersistentVolumeClaim", namespace, claim)
 
     # -- the FineTuneJob
 
@@ -436,17 +433,15 @@ class KubeApi:
         replacing the whole status can, and it needs no knowledge of what the server holds now.
         """
         try:
-            self._write(
+            group, version, plural = resource
+            self.call(
                 f"write status of FineTuneJob {namespace}/{name}",
-                self.custom.patch_namespaced_custom_object_status,
-                resource[0],
-                resource[1],
-                namespace,
-                resource[2],
-                name,
+                self.send,
+                "PATCH",
+                f"/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}/status",
                 [{"op": "add", "path": "/status", "value": status}],
-                field_manager=FIELD_MANAGER,
-                _content_type="application/json-patch+json",
+                query={"fieldManager": FIELD_MANAGER},
+                content_type="application/json-patch+json",
             )
         except ApiCallError as exc:
             if exc.status == 404:
@@ -485,10 +480,11 @@ class KubeApi:
             "count": 1,
         }
         try:
-            self._write(
+            self.call(
                 f"post Event {reason} for {namespace}/{meta.get('name')}",
-                self.core.create_namespaced_event,
-                namespace,
+                self.send,
+                "POST",
+                collection("Event", namespace),
                 event,
             )
         except ApiCallError as exc:
@@ -500,11 +496,11 @@ class KubeApi:
         try:
             return self.call(
                 f"read log of Pod {namespace}/{pod}",
-                self.core.read_namespaced_pod_log,
-                pod,
-                namespace,
-                container="stage",
-                tail_lines=lines,
+                self.send,
+                "GET",
+                f"{collection('Pod', namespace)}/{pod}/log",
+                query={"container": "stage", "tailLines": str(lines)},
+                accept="text/plain",
                 retry=False,
                 _request_timeout=LOG_TIMEOUT,
             )
