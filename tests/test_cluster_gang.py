@@ -87,3 +87,5 @@ def test_deleting_a_train_pod_of_two_workers_restarts_both_from_the_checkpoint_a
     assert len(trains) == 4 and sorted(p.rsplit("-", 1)[0] for p in trains) == [f"{NAME}-train-{i}" for i in
                                                                                   (0, 0, 1, 1)], trains  # fmt: skip
     assert status["phase"] == "Succeeded" and status["artifacts"], status
+    # Every pod forked from one warm server: the workers differ only in what is read at run time (their index).
+    assert (cluster.launcher.servers_started, cluster.launcher.fresh) == (1, 0), cluster.launcher.why_fresh

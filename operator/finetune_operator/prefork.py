@@ -38,7 +38,16 @@ from typing import IO, Any
 
 # Read per process at run time (rendezvous, buffering), never at import: a child may differ from its server in them.
 RUNTIME_ONLY_ENV = frozenset(
-    {"PYTHONUNBUFFERED", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "WORLD_SIZE"}
+    {
+        "PYTHONUNBUFFERED",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "NNODES",
+        "NODE_RANK",
+        "JOB_COMPLETION_INDEX",  # an indexed Job's pod index: the worker's NODE_RANK
+        "NPROC_PER_NODE",
+        "WORLD_SIZE",
+    }
 )
 # What the stages import, most expensive first; the server forks only after CORE and loads the rest in between.
 CORE = ("torch", "transformers", "transformers.modeling_utils", "transformers.models.auto", "datasets")
@@ -196,6 +205,7 @@ class Launcher:
         self.preload = core, (() if gpu_present() else LATER) if later is None else later
         self._servers: dict[frozenset[tuple[str, str]], PreforkServer] = {}
         self.forked = self.fresh = 0
+        self.servers_started = 0
         self.why_fresh = ""  # why the last process that could have been forked was started fresh
 
     def server_env(self, env: dict[str, str], defaults: dict[str, str]) -> dict[str, str]:
@@ -216,6 +226,7 @@ class Launcher:
             server = None
         if server is None and len(self._servers) < MAX_SERVERS:
             server = self._servers[key] = PreforkServer({**wanted, "PYTHONUNBUFFERED": "1"}, *self.preload)
+            self.servers_started += 1
         return server
 
     def start(
