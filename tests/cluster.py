@@ -1382,8 +1382,9 @@ class OperatorProcess:
     def __init__(self, kubeconfig: Path, namespace: str, log: Path, poll_seconds: float = 1.0,
                  env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.kubeconfig, self.namespace, self.log, self.args = kubeconfig, namespace, log, args
+        # A shorter first retry (the same doubling): tests wait on the backoff after the fault they injected clears.
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FINETUNE_POLL_SECONDS": str(poll_seconds),
-                    **(env or {})}  # fmt: skip
+                    "FINETUNE_RETRY_SECONDS": "0.25", **(env or {})}  # fmt: skip
         self.process: subprocess.Popen | None = None
         self.starts = 0
 

@@ -65,11 +65,13 @@ def test_operator_arguments_and_environment_are_what_the_operator_reads():
     container = one(render_chart(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     args = build_parser().parse_args(container["args"])  # the chart only passes options the CLI has
     assert args.peering == "fto-finetune-operator" and args.metrics_port == 8000 and not args.namespace
-    settings = OperatorSettings.from_env({e["name"]: e["value"] for e in container["env"]})
+    environment = {e["name"]: e["value"] for e in container["env"]}
+    settings = OperatorSettings.from_env(environment)
     assert settings.trainer_image == values["trainer"]["image"] and settings.image_pull_policy == "Always"
     assert settings.stage_resources["train"] == {"cpu": "32", "memory": "400Gi"}
     assert settings.stage_resources["prepare"] == {"cpu": "4", "memory": "16Gi"}  # the other defaults stay
     assert settings.workspace_size == "2Ti" and settings.workspace_storage_class == "fast-rwx"
+    assert settings.poll_seconds == float(environment["FINETUNE_POLL_SECONDS"]) == 5
     probes = {container[p]["httpGet"]["port"] for p in ("livenessProbe", "startupProbe")}
     assert probes == {"health"} and args.liveness == "http://0.0.0.0:8080/healthz"
 

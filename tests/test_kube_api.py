@@ -130,6 +130,14 @@ def test_the_operator_without_a_cluster_stops_at_once_with_one_line(tmp_path, ar
     assert "Traceback" not in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("name", ["FINETUNE_POLL_SECONDS", "FINETUNE_RETRY_SECONDS"])
+def test_a_bad_interval_in_the_environment_stops_the_operator_with_one_line_naming_it(tmp_path, monkeypatch, name):
+    monkeypatch.setenv(name, "soon")
+    done = run_operator_command(home=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {name} must be a number of seconds above 0"), done.stderr
+
+
 # --------------------------------------------------------------------------------------------------- retries
 
 

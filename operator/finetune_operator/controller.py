@@ -52,12 +52,10 @@ from .cluster.telemetry import OperatorMetrics
 from .planner import Observed, Plan, plan, report_api_error
 
 LABEL = "finetune.dev/job"
-POLL_SECONDS = float(os.environ.get("FINETUNE_POLL_SECONDS", "5"))
-RESYNC_SECONDS = 12 * POLL_SECONDS
-"""An active job with no event and no requested visit is still reconciled this often (jittered)."""
+RESYNC_POLLS = 12
+"""An active job with no event and no requested visit is still reconciled every this many polls (jittered)."""
 REPORT_AFTER = 3
 """Failed reconciles in a row (each after its own API retries) before the job shows the error."""
-RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 60.0
 API_THREADS = 16
 """Worker threads for the blocking client: enough that slow calls of some jobs do not queue the others'. They take
@@ -106,10 +104,14 @@ class State:
     logs: dict[Key, tuple[str, str]] = field(default_factory=dict)
     """The last train log tail read per job: (pod, tail). Reads run beside reconciles, never inside them."""
     log_pods: dict[Key, tuple[str, str]] = field(default_factory=dict)
-    """The running train pod per job, (namespace, pod): the poll reads its log tail every POLL_SECONDS."""
+    """The running train pod per job, (namespace, pod): the poll reads its log tail every poll."""
     reading: set[Key] = field(default_factory=set)
     read_at: dict[Key, float] = field(default_factory=dict)
     quiet: dict[Key, bytes] = field(default_factory=dict)
+    poll_seconds: float = 5.0
+    """FINETUNE_POLL_SECONDS (OperatorSettings.poll_seconds)."""
+    retry_seconds: float = 1.0
+    """FINETUNE_RETRY_SECONDS (OperatorSettings.retry_seconds)."""
     """Per job, the fingerprint of the inputs of its last pass that found nothing to do: the same inputs again (a pod
     turning Running, the echo of our own status write) need no planning until the job is due."""
 
@@ -155,6 +157,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         api=memo.api,
         executor=PriorityExecutor(API_THREADS, "kube"),
         log_executor=concurrent.futures.ThreadPoolExecutor(LOG_THREADS, thread_name_prefix="kube-log"),
+        poll_seconds=memo.settings.poll_seconds,
+        retry_seconds=memo.settings.retry_seconds,
     )
     port = memo.get("metrics_port")
     memo.stop_metrics = memo.metrics.serve(port) if port else None
@@ -448,13 +452,13 @@ def _next_visit(state: State, key: Key, result: Plan) -> None:
 
 def _resync_later(state: State, key: Key) -> None:
     # Jittered: jobs created together do not resync together.
-    state.resync[key] = time.monotonic() + RESYNC_SECONDS * random.uniform(0.8, 1.2)
+    state.resync[key] = time.monotonic() + RESYNC_POLLS * state.poll_seconds * random.uniform(0.8, 1.2)
 
 
 async def _poll(memo: kopf.Memo) -> None:
     state: State = memo.state
     while True:
-        await asyncio.sleep(POLL_SECONDS)
+        await asyncio.sleep(state.poll_seconds)
         if not memo.indexes:
             continue
         now = time.monotonic()
@@ -512,7 +516,7 @@ async def _failed(key: Key, memo: kopf.Memo, exc: Exception) -> None:
     failure = state.failures.setdefault(key, Failure())
     failure.count += 1
     failure.error = str(exc) if isinstance(exc, ApiCallError) else f"{type(exc).__name__}: {exc}"
-    delay = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (failure.count - 1)) * random.uniform(0.8, 1.2)
+    delay = min(RETRY_CAP_SECONDS, state.retry_seconds * 2.0 ** (failure.count - 1)) * random.uniform(0.8, 1.2)
     log.warning(
         "reconcile of %s/%s failed (%d in a row): %s; retrying in %.1fs", *key, failure.count, failure.error, delay
     )
@@ -592,9 +596,9 @@ def _train_log(key: Key, memo: kopf.Memo, run: int, pods: list[dict[str, Any]]) 
 
 
 def _start_log_read(key: Key, memo: kopf.Memo, namespace: str, pod: str, now: float) -> None:
-    """A log read in the background, at most one at a time per job and one per POLL_SECONDS."""
+    """A log read in the background, at most one at a time per job and one per poll."""
     state: State = memo.state
-    if key not in state.reading and now - state.read_at.get(key, -POLL_SECONDS) >= POLL_SECONDS:
+    if key not in state.reading and now - state.read_at.get(key, -state.poll_seconds) >= state.poll_seconds:
         state.reading.add(key)
         state.read_at[key] = now
         _spawn(state, _read_log(key, memo, namespace, pod))
@@ -700,7 +704,7 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
         return
     result = plan(job, observed, dt.datetime.now(dt.UTC))
     if result.start and await state.call(_started_but_unseen, api, job, result.start):
-        state.due[key] = time.monotonic() + POLL_SECONDS  # the Job's event should come next; if not, look again
+        state.due[key] = time.monotonic() + state.poll_seconds  # the Job's event should come next; if not, look again
         return  # our view of the children lags (a watch resuming after a pause)
     if not _alive(memo, key, job.uid):
         return  # deleted while we planned: create nothing

@@ -35,6 +35,10 @@ class OperatorSettings:
             "export": {"cpu": "4", "memory": "32Gi"},
         }
     )
+    poll_seconds: float = 5.0
+    """How often the operator reads running train pods' logs and revisits jobs no event will wake."""
+    retry_seconds: float = 1.0
+    """The first wait before a failed reconcile is retried; it doubles with each failure in a row (up to 60 s)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> OperatorSettings:
@@ -51,7 +55,22 @@ class OperatorSettings:
             workspace_size=environ.get("FINETUNE_WORKSPACE_SIZE") or base.workspace_size,
             workspace_storage_class=environ.get("FINETUNE_WORKSPACE_STORAGE_CLASS") or None,
             stage_resources=resources,
+            poll_seconds=_seconds(environ, "FINETUNE_POLL_SECONDS", base.poll_seconds),
+            retry_seconds=_seconds(environ, "FINETUNE_RETRY_SECONDS", base.retry_seconds),
         )
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:  # nan fails too
+        raise ValueError(f"{name} must be a number of seconds above 0 and at most 3600 (got {raw!r}), e.g. {default:g}")
+    return value
 
 
 def _stage_resources(raw: str) -> dict[str, dict[str, str]]:
