@@ -69,6 +69,26 @@ def micro_model(tmp_path_factory, corpus) -> Path:
 
 
 @pytest.fixture(scope="session")
+def exported_lora_run(tmp_path_factory) -> Path:
+    """The output folder of one local LoRA run of the micro model, exported as adapter, merged and ONNX (its
+    evaluate samples are the oracle of the tests that use the exports). Shared: a test that writes copies it."""
+    from finetune_operator.cli import main
+
+    from .test_local_mode import make_job
+
+    tmp = tmp_path_factory.mktemp("lora-run")
+    manifest = make_job(
+        tmp,
+        method={"type": "lora", "lora": {"r": 8, "alpha": 16, "targetModules": ["all-linear"]}},
+        training={"maxSteps": 60, "learningRate": 0.01, "checkpointEverySteps": 30},
+        evaluation={"gates": [], "maxSamples": 10},
+        export={"formats": ["adapter", "merged", "onnx"]},
+    )
+    assert main(["run", str(manifest), "--init-model", "micro", "-q"]) == 0
+    return tmp / "out"
+
+
+@pytest.fixture(scope="session")
 def micro_sp_model(tmp_path_factory, corpus) -> Path:
     """The same model size with a SentencePiece tokenizer."""
     from finetune_operator.stages.tiny import build_tiny_model

@@ -13,7 +13,6 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from .cluster import (
     FaultProxy,
     OperatorProcess,
     Rest,
-    die_with_parent,
     free_port,
     wait_until,
 )
@@ -240,35 +238,45 @@ def e2e_spec(model: str, train: str, evaluation: str, output: str, steps: int = 
 
 
 class Watcher:
-    """`kubectl get ftj` every half second, as a user watching the job; the distinct rows it printed."""
+    """`kubectl get ftj -w`, as a user watching the job: the distinct rows it printed (without the Age)."""
 
     def __init__(self, server: ApiServer, namespace: str) -> None:
         self.server, self.namespace = server, namespace
         self.rows: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._process: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self._look()
+    def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            self._add(line)
 
-    def _look(self) -> None:
-        done = self.server.kubectl("get", "ftj", NAME, "-n", self.namespace, "--no-headers", check=False)
-        row = " ".join(done.stdout.split()[:-1])  # without the Age column
-        if done.returncode == 0 and row and (not self.rows or self.rows[-1] != row):
+    def _add(self, line: str) -> None:
+        row = " ".join(line.split()[:-1])
+        if row and (not self.rows or self.rows[-1] != row):
             self.rows.append(row)
 
     def __enter__(self) -> Watcher:
+        # By field selector: a watch of the name alone ends at once while the job does not exist yet.
+        argv = ["kubectl", "get", "ftj", "-n", self.namespace, f"--field-selector=metadata.name={NAME}", "--no-headers",
+                "-w"]  # fmt: skip
+        self._process = subprocess.Popen(argv, env=self.server.env(), stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)  # fmt: skip
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        self._look()  # what kubectl shows now: the poll's last look may predate the final status write
+        assert self._process is not None
+        self._process.terminate()
+        self._process.wait(15)
+        self._thread.join(15)
+        # What kubectl shows now: the watch may not have printed the final status write yet.
+        done = self.server.kubectl("get", "ftj", NAME, "-n", self.namespace, "--no-headers", check=False)
+        if done.returncode == 0:
+            self._add(done.stdout)
 
 
-@pytest.mark.timeout(1800)  # four real stages twice (cluster and local) on 2 cores that may be shared
+@pytest.mark.timeout(1800)  # four real stages twice (cluster, then local) on 2 cores that may be shared
 def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: Path):
     from finetune_operator.stages.tiny import build_tiny_model
 
@@ -290,10 +298,6 @@ def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: 
     local_spec = e2e_spec("./model", "./data/train.jsonl", "./data/eval.jsonl", "./out", steps=STEPS)
     manifest.write_text(yaml.safe_dump({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
                                         "metadata": {"name": NAME}, "spec": local_spec}))  # fmt: skip
-    with (local / "run.log").open("wb") as log:
-        local_run = subprocess.Popen([sys.executable, "-m", "finetune_operator", "run", str(manifest), "-q"],
-                                     stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)  # fmt: skip
-    env.processes.append(local_run)
     env.operator(through_proxy=False)  # straight at the server: KUBECONFIG as a user has it
 
     with Watcher(env.server, env.namespace) as watcher:
@@ -313,6 +317,7 @@ def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: 
     assert [s for s, _ in cluster.processes_started] == list(STAGES)  # one real process per stage, no rerun
     # Each forked from the harness's warm server (prefork.py): pods of one job differ only in HOME and HOSTNAME.
     assert (cluster.launcher.forked, cluster.launcher.fresh) == (len(STAGES), 0), cluster.launcher.why_fresh
+    assert cluster.launcher.servers_started == 1  # the train pod's index is read at run time: no server of its own
     # The stages' results reached the status through the pods' termination messages.
     assert status["lineage"]["datasetFingerprint"] and status["metrics"]["tuned"] and status["servingConfig"]
     assert [a["name"] for a in status["artifacts"]] == ["merged", "serving-config"]
@@ -326,8 +331,11 @@ def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: 
     counts = assert_events_once(env.settled_events({"StageSucceeded": 4, "Succeeded": 1}))
     assert counts["StageStarted"] == 4 and counts["StageSucceeded"] == 4 and counts["Succeeded"] == 1
 
-    # The same job run by `finetune-operator run` (beside the cluster run) reports the same results.
-    assert local_run.wait(900) == 0, (local / "run.log").read_text()[-3000:]
+    # The same job run by `finetune-operator run` reports the same results (run here, in this process, after the
+    # cluster run: its stages fork from the session's warm server, as the cluster's pods fork from the kubelet's).
+    from finetune_operator.cli import main
+
+    assert main(["run", str(manifest), "-q"]) == 0
     expected = yaml.safe_load((local / "out" / "status.yaml").read_text())
     assert status["metrics"]["tuned"] == pytest.approx(expected["metrics"]["tuned"], rel=1e-5)
     assert status["metrics"]["base"] == pytest.approx(expected["metrics"]["base"], rel=1e-5)

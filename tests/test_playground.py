@@ -25,20 +25,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run_output(tmp_path_factory) -> Path:
+def run_output(tmp_path_factory, exported_lora_run) -> Path:
     tmp = tmp_path_factory.mktemp("playground-job")
     if os.environ.get("FT_PLAYGROUND_RUN"):  # iterate on the app: the folder of a finished run of this job, copied
         shutil.copytree(os.environ["FT_PLAYGROUND_RUN"], tmp, symlinks=True, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(FEEDBACK_FILE))  # fmt: skip
         return tmp / "out"
-    manifest = make_job(
-        tmp,
-        method={"type": "lora", "lora": {"r": 16, "alpha": 32, "targetModules": ["c_attn", "c_proj", "c_fc"]}},
-        training={"maxSteps": 6, "learningRate": 0.01, "checkpointEverySteps": 6},  # tuned differs from base
-        evaluation={"gates": [], "maxSamples": 4},
-        export={"formats": ["merged", "onnx", "adapter"]},
-    )
-    assert main(["run", str(manifest), "--init-model", "micro", "-q"]) == 0
+    # conftest's LoRA run, copied: the playground writes its feedback file into the output it serves.
+    shutil.copytree(exported_lora_run.parent, tmp, symlinks=True, dirs_exist_ok=True)
     return tmp / "out"
 
 
@@ -76,7 +70,7 @@ def test_resolve_reads_what_the_output_holds(run_output, tmp_path):
     assert target.base_path.name == "model" and target.run == 1 and target.job == "words"
     assert (target.base_path / "config.json").is_file()  # the run's sources.json names the base model
     assert target.generation.max_new_tokens == 4 and target.generation.source == "serving-config.pb"
-    assert len(target.samples()) == 4 and target.feedback_file == run_output / FEEDBACK_FILE
+    assert len(target.samples()) == 10 and target.feedback_file == run_output / FEEDBACK_FILE
     assert target.tuned_artifact()["sha256"] == next(a for a in target.status["artifacts"]
                                                      if a["name"] == "merged")["sha256"]  # fmt: skip
     assert resolve(run_output.parent / "job.yaml").artifacts == run_output  # the manifest leads to its output

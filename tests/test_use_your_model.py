@@ -7,26 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from finetune_operator.cli import main
-
-from .test_local_mode import make_job
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """A LoRA run of the micro model exported as adapter, merged and ONNX (its evaluate samples are the oracle)."""
-    tmp = tmp_path_factory.mktemp("use")
-    manifest = make_job(
-        tmp,
-        method={"type": "lora", "lora": {"r": 8, "alpha": 16, "targetModules": ["all-linear"]}},
-        training={"maxSteps": 60, "learningRate": 0.01},
-        evaluation={"gates": [], "compareBase": False, "maxSamples": 10},
-        export={"formats": ["adapter", "merged", "onnx"]},
-    )
-    assert main(["run", str(manifest), "--init-model", "micro", "-q"]) == 0
-    return tmp / "out"
+@pytest.fixture
+def exported(exported_lora_run) -> Path:
+    """conftest's LoRA run of the micro model, exported as adapter, merged and ONNX (only read here)."""
+    return exported_lora_run
 
 
 def samples(out: Path) -> list[dict]:
