@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import dataclasses
 import itertools
 import time
 from typing import Any
@@ -62,7 +63,7 @@ async def test_events_that_arrive_during_a_reconcile_fold_into_one_more_pass(mem
 
 @pytest.mark.asyncio
 async def test_a_failed_reconcile_is_retried_with_backoff_shown_once_and_forgotten_on_success(memo, monkeypatch):
-    memo.state.retry_seconds = 0.02
+    memo.state.settings = dataclasses.replace(memo.state.settings, retry_seconds=0.02)
     attempts: list[float] = []
     reports: list[str] = []
 
@@ -112,7 +113,7 @@ def test_a_plan_sets_the_next_visit_an_active_job_within_the_resync_a_finished_o
 
     due, resync = visits("Training", 2)  # results still coming, a deadline
     assert due == pytest.approx(2, abs=0.5)
-    every = controller.RESYNC_POLLS * memo.state.poll_seconds
+    every = controller.RESYNC_POLLS * memo.state.settings.poll_seconds
     assert 0.7 * every < resync < 1.3 * every
     assert visits("Training", None)[0] is None
     assert visits("Succeeded", 600) == (pytest.approx(600, abs=0.5), None)  # the TTL

@@ -108,12 +108,10 @@ class State:
     reading: set[Key] = field(default_factory=set)
     read_at: dict[Key, float] = field(default_factory=dict)
     quiet: dict[Key, bytes] = field(default_factory=dict)
-    poll_seconds: float = 5.0
-    """FINETUNE_POLL_SECONDS (OperatorSettings.poll_seconds)."""
-    retry_seconds: float = 1.0
-    """FINETUNE_RETRY_SECONDS (OperatorSettings.retry_seconds)."""
     """Per job, the fingerprint of the inputs of its last pass that found nothing to do: the same inputs again (a pod
     turning Running, the echo of our own status write) need no planning until the job is due."""
+    settings: OperatorSettings = field(default_factory=OperatorSettings)
+    """The operator's settings (the poll and retry intervals are read here, where there is no memo)."""
 
     async def call(self, fn: Callable[..., T], *args: Any, priority: int = HAND_OFF) -> T:
         call = functools.partial(fn, *args)
@@ -157,8 +155,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         api=memo.api,
         executor=PriorityExecutor(API_THREADS, "kube"),
         log_executor=concurrent.futures.ThreadPoolExecutor(LOG_THREADS, thread_name_prefix="kube-log"),
-        poll_seconds=memo.settings.poll_seconds,
-        retry_seconds=memo.settings.retry_seconds,
+        settings=memo.settings,
     )
     port = memo.get("metrics_port")
     memo.stop_metrics = memo.metrics.serve(port) if port else None
@@ -452,13 +449,13 @@ def _next_visit(state: State, key: Key, result: Plan) -> None:
 
 def _resync_later(state: State, key: Key) -> None:
     # Jittered: jobs created together do not resync together.
-    state.resync[key] = time.monotonic() + RESYNC_POLLS * state.poll_seconds * random.uniform(0.8, 1.2)
+    state.resync[key] = time.monotonic() + RESYNC_POLLS * state.settings.poll_seconds * random.uniform(0.8, 1.2)
 
 
 async def _poll(memo: kopf.Memo) -> None:
     state: State = memo.state
     while True:
-        await asyncio.sleep(state.poll_seconds)
+        await asyncio.sleep(state.settings.poll_seconds)
         if not memo.indexes:
             continue
         now = time.monotonic()
@@ -516,7 +513,7 @@ async def _failed(key: Key, memo: kopf.Memo, exc: Exception) -> None:
     failure = state.failures.setdefault(key, Failure())
     failure.count += 1
     failure.error = str(exc) if isinstance(exc, ApiCallError) else f"{type(exc).__name__}: {exc}"
-    delay = min(RETRY_CAP_SECONDS, state.retry_seconds * 2.0 ** (failure.count - 1)) * random.uniform(0.8, 1.2)
+    delay = min(RETRY_CAP_SECONDS, state.settings.retry_seconds * 2.0 ** (failure.count - 1)) * random.uniform(0.8, 1.2)
     log.warning(
         "reconcile of %s/%s failed (%d in a row): %s; retrying in %.1fs", *key, failure.count, failure.error, delay
     )
@@ -598,7 +595,8 @@ def _train_log(key: Key, memo: kopf.Memo, run: int, pods: list[dict[str, Any]]) 
 def _start_log_read(key: Key, memo: kopf.Memo, namespace: str, pod: str, now: float) -> None:
     """A log read in the background, at most one at a time per job and one per poll."""
     state: State = memo.state
-    if key not in state.reading and now - state.read_at.get(key, -state.poll_seconds) >= state.poll_seconds:
+    every = state.settings.poll_seconds
+    if key not in state.reading and now - state.read_at.get(key, -every) >= every:
         state.reading.add(key)
         state.read_at[key] = now
         _spawn(state, _read_log(key, memo, namespace, pod))
@@ -704,7 +702,8 @@ async def _reconcile(key: Key, memo: kopf.Memo) -> None:
         return
     result = plan(job, observed, dt.datetime.now(dt.UTC))
     if result.start and await state.call(_started_but_unseen, api, job, result.start):
-        state.due[key] = time.monotonic() + state.poll_seconds  # the Job's event should come next; if not, look again
+        # The Job's event should come next; if not, look again.
+        state.due[key] = time.monotonic() + state.settings.poll_seconds
         return  # our view of the children lags (a watch resuming after a pause)
     if not _alive(memo, key, job.uid):
         return  # deleted while we planned: create nothing

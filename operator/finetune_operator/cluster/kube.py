@@ -314,8 +314,12 @@ class KubeApi:
         ns, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
         what = f"{kind} {ns}/{name}"
         path = collection(kind, ns, obj.get("apiVersion"))
-        try:
+
+        def post() -> None:
             self.call(f"create {what}", self.send, "POST", path, obj)
+
+        try:
+            post()
             return "created"
         except ApiCallError as exc:
             if exc.status != 409:
@@ -325,7 +329,7 @@ class KubeApi:
         except ApiCallError as exc:
             if exc.status != 404:
                 raise
-            self.call(f"create {what}", self.send, "POST", path, obj)  # it went away in between
+            post()  # it went away in between
             return "created"
         verdict = _compare(existing, obj)
         if verdict == "same":
@@ -348,7 +352,7 @@ class KubeApi:
             if exc.status not in (404, 409):
                 raise
         try:
-            self.call(f"create {what}", self.send, "POST", path, obj)
+            post()
         except ApiCallError as exc:
             if exc.status == 409:  # still terminating (finalizers): try again on the next reconcile
                 raise ApiCallError(f"create {what}", "a stale object of that name is still being deleted", 503) from exc
