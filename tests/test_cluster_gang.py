@@ -13,7 +13,7 @@ from .cluster import free_port, wait_until
 from .conftest import first_word_rows, write_jsonl
 from .test_cluster_e2e import NAME, Env, e2e_spec, env  # noqa: F401  (env is the fixture)
 
-STEPS, EVERY = 20, 4
+STEPS, EVERY = 60, 4  # enough steps that status (log poll, ~2 s behind) shows one past a checkpoint in time
 
 
 def train_pods(job_env: Env, index: int) -> list[dict]:
