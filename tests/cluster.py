@@ -16,18 +16,18 @@ Job with its pods handled in one of WATCH_WORKERS threads, the Jobs side by side
   ensures), counts no failure for pods it stopped itself, leaves a suspended Job without pods, and writes the Job's
   status (startTime, active, ready, terminating, succeeded, failed, completedIndexes, completionTime,
   SuccessCriteriaMet+Complete or FailureTarget+Failed);
-- **the kubelet**: it runs each pod's container as a local process. The container's command runs with the
-  container's env (values, fieldRef, secretKeyRef/configMapKeyRef, envFrom), each volume mount mapped to a host
-  folder (a ConfigMap's files written out, an emptyDir fresh, a PersistentVolumeClaim one folder per claim that
-  lives as long as the test cluster), the paths the container would see remapped to those folders wherever they
-  appear (arguments, env, JSON config files: a process cannot see a container's mount namespace), and
-  `<host>.<subdomain>` names resolved to the loopback. `finetune-operator` is this Python environment's CLI (the
-  trainer image's entrypoint). The log is published through the `test.finetune.dev/log` pod annotation (the
-  server's pods/log shim), the termination message is read from the mapped `terminationMessagePath`
-  (FallbackToLogsOnError honoured), and pod status goes Pending -> Running -> Succeeded/Failed with container
-  states as a kubelet writes them. A running pod is deleted gracefully, as on a node: this server would delete
-  it at once, so the kubelet holds it with a finalizer; on deletion the process gets SIGTERM, then SIGKILL after
-  the pod's terminationGracePeriodSeconds (bounded), the final status is written, and then the pod goes;
+- **the kubelet**: it runs each pod's container as a local process. The container's command runs with the container's
+  env (values, fieldRef, resourceFieldRef, secretKeyRef/configMapKeyRef, envFrom), each volume mount mapped to a host
+  folder (a ConfigMap's files written out, an emptyDir fresh, a PersistentVolumeClaim one folder per claim that lives
+  as long as the test cluster), the paths the container would see remapped to those folders wherever they appear
+  (arguments, env, JSON config files: a process cannot see a container's mount namespace), and `<host>.<subdomain>`
+  names resolved to the loopback. `finetune-operator` is this Python environment's CLI (the trainer image's
+  entrypoint). The log is published through the `test.finetune.dev/log` pod annotation (the server's pods/log shim),
+  the termination message is read from the mapped `terminationMessagePath` (FallbackToLogsOnError honoured), and pod
+  status goes Pending -> Running -> Succeeded/Failed with container states as a kubelet writes them. A running pod is
+  deleted gracefully, as on a node: this server would delete it at once, so the kubelet holds it with a finalizer; on
+  deletion the process gets SIGTERM, then SIGKILL after the pod's terminationGracePeriodSeconds (bounded), the final
+  status is written, and then the pod goes;
 - **the garbage collector**: an object whose owners are all gone (checked with a live read) is deleted, and
   foreground/orphan deletion finalizers are honoured.
 
@@ -54,6 +54,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import re
 import shutil
@@ -794,6 +795,8 @@ class Cluster:
             value_from = entry.get("valueFrom") or {}
             if "fieldRef" in value_from:
                 env[entry["name"]] = field_path(pod, value_from["fieldRef"]["fieldPath"])
+            elif "resourceFieldRef" in value_from:
+                env[entry["name"]] = resource_field(container, value_from["resourceFieldRef"])
             else:
                 ref = value_from.get("secretKeyRef") or value_from.get("configMapKeyRef") or {}
                 data = self._data(value_from, ref["name"])
@@ -1139,6 +1142,17 @@ def field_path(pod: dict[str, Any], path: str) -> str:
     if path not in simple:
         raise AssertionError(f"the test kubelet has no fieldRef {path}")
     return simple[path]
+
+
+def resource_field(container: dict[str, Any], ref: dict[str, Any]) -> str:
+    """The downward API's resourceFieldRef values: the container's request or limit over the divisor, rounded up."""
+    from kubernetes.utils import parse_quantity
+
+    kind, resource = ref["resource"].split(".", 1)
+    value = ((container.get("resources") or {}).get(kind) or {}).get(resource)
+    if value is None:
+        raise AssertionError(f"the test kubelet has no node capacity for an unset {ref['resource']}")
+    return str(math.ceil(parse_quantity(value) / parse_quantity(ref.get("divisor", "1"))))
 
 
 def grace_seconds(pod: dict[str, Any]) -> float:

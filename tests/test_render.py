@@ -145,6 +145,16 @@ def test_multi_node_train_has_rendezvous_service_and_volcano_gang():
     assert "schedulerName" not in build_stage(job, "prepare").pod  # the gang is for train only
 
 
+@pytest.mark.parametrize("stage", ["prepare", "train", "export"])
+def test_each_stage_learns_its_cpu_request_for_its_math_threads(stage):
+    """torch would start a thread per core of the node; the stage divides its pod's CPU request instead."""
+    objs = build_stage(job_from(MINIMAL_JOB, resources={"train": {"cpu": "6"}}), stage)
+    env = {e["name"]: e for e in objs.container["env"]}
+    assert env["FINETUNE_CPUS"]["valueFrom"] == {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}
+    assert objs.container["resources"]["requests"]["cpu"] == {"prepare": "4", "train": "6", "export": "4"}[stage]
+    assert "cpu" not in objs.container["resources"]["limits"]  # a request, not a throttle
+
+
 def test_kueue_queues_per_stage_kind():
     job = example_job(EXAMPLES / "lora-sft-llama-8b-kueue.yaml")
     queues = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from datasets import load_from_disk
 from transformers import AutoTokenizer
 
 from finetune_operator.stages.contract import EXIT_CONFIG_ERROR, parse_line
-from finetune_operator.stages.runner import run_stage
+from finetune_operator.stages.runner import limit_math_threads, run_stage
 
 from .conftest import first_word_rows, local_spec, stage_config, write_jsonl
 
@@ -241,3 +242,27 @@ def test_missing_file_and_missing_chat_template(tmp_path, micro_model):
     data = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
     code, summary, _ = prepare(tmp_path / "b", local_spec(model, data, dataset={"format": "chat", "columns": {}}))
     assert code == EXIT_CONFIG_ERROR and "spec.model.tokenizer.chatTemplate" in summary["message"]
+
+
+def test_a_stage_in_a_pod_uses_its_cpu_request_for_math_threads(tmp_path, micro_model, monkeypatch, capfd):
+    """In a pod, FINETUNE_CPUS is the CPU request (the downward API): torch gets that many threads, shared among the
+    node's training processes, not one per core of the node. The user's OMP_NUM_THREADS wins."""
+    import torch
+
+    data = write_jsonl(tmp_path / "d.jsonl", first_word_rows(40))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("FINETUNE_CPUS", "3")
+    try:
+        code, _, _ = prepare(tmp_path, local_spec(micro_model, data))  # torch already loaded, as in a forked pod
+        assert code == 0 and torch.get_num_threads() == 3
+        running = [r for r in map(parse_line, capfd.readouterr().out.splitlines()) if r and r.get("state") == "Running"]
+        assert running[0]["mathThreads"] == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("FINETUNE_CPUS", "8")
+        assert limit_math_threads(processes=2) == 4 == torch.get_num_threads()  # 2 processes on the node
+        assert limit_math_threads() is None  # OMP_NUM_THREADS is set now, as a user's would be: left alone
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.delenv("FINETUNE_CPUS")
+        assert limit_math_threads() is None and "OMP_NUM_THREADS" not in os.environ  # local mode: torch's default
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (conftest)

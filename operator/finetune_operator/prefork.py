@@ -47,6 +47,7 @@ RUNTIME_ONLY_ENV = frozenset(
         "JOB_COMPLETION_INDEX",  # an indexed Job's pod index: the worker's NODE_RANK
         "NPROC_PER_NODE",
         "WORLD_SIZE",
+        "FINETUNE_CPUS",  # the pod's CPU request: the stage sets its math threads from it (runner.limit_math_threads)
     }
 )
 # What the stages import, most expensive first; the server forks only after CORE and loads the rest in between.

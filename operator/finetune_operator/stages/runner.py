@@ -79,6 +79,20 @@ def _quiet_libraries(workdir: Workdir) -> None:
         os.environ.setdefault(name, value)
 
 
+def limit_math_threads(processes: int = 1) -> int | None:
+    """Give torch (OpenMP, MKL) the pod's CPUs shared among this node's stage processes: FINETUNE_CPUS, the pod's
+    CPU request, rather than one thread per core of the node. An OMP_NUM_THREADS already set (the user's, through
+    spec.env or the shell) wins; without either (local mode), torch's default: one per core this process may use."""
+    if "OMP_NUM_THREADS" in os.environ or not os.environ.get("FINETUNE_CPUS", "").isdigit():
+        return None
+    threads = max(1, int(os.environ["FINETUNE_CPUS"]) // max(1, processes))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for a torch imported later, and torchrun's workers
+    torch = sys.modules.get("torch")
+    if torch is not None:  # already imported (a process forked from the warm server): OpenMP read the variable then
+        torch.set_num_threads(threads)
+    return threads
+
+
 def run_stage(name: str, config_path: Path, workdir_path: Path) -> int:
     workdir = Workdir(workdir_path)
     workdir.root.mkdir(parents=True, exist_ok=True)
@@ -92,6 +106,7 @@ def run_stage(name: str, config_path: Path, workdir_path: Path) -> int:
         from .distributed import become_the_rank, inside_launcher, launch, rendezvous_from_env
 
         rdzv = rendezvous_from_env(config.spec.distributed.master_port)
+        threads = limit_math_threads(rdzv.nproc_per_node)  # torchrun's workers inherit the share
         if rdzv.world_size > 1 and not inside_launcher():
             emit(
                 "stage",
@@ -104,8 +119,10 @@ def run_stage(name: str, config_path: Path, workdir_path: Path) -> int:
             if rdzv.nproc_per_node > 1:
                 return launch(rdzv, name, config_path, workdir_path, config.spec)
             become_the_rank(rdzv)
+    else:
+        threads = limit_math_threads()
     rank = int(os.environ.get("RANK", "0"))
-    emit("stage", name, state="Running", rank=rank)
+    emit("stage", name, state="Running", rank=rank, **({"mathThreads": threads} if threads else {}))
     try:
         summary = _stage_function(name)(config, workdir)
     except Exception as exc:  # every failure leaves a summary and a classified exit code

@@ -1,4 +1,7 @@
-"""CPU, memory and GPUs. prepare and export never request a GPU; train and evaluate request gpusPerWorker."""
+"""CPU, memory and GPUs. prepare and export never request a GPU; train and evaluate request gpusPerWorker.
+
+The CPU request also reaches the stage as FINETUNE_CPUS (the downward API, rounded up): without it torch starts a
+math thread per core of the node, which on a shared node oversubscribes the cores the pod was given."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ def apply(ctx: BuildContext, objs: StageObjects) -> None:
         requests[spec.gpu_resource_name] = str(spec.gpus_per_worker)
         limits[spec.gpu_resource_name] = str(spec.gpus_per_worker)
     objs.container["resources"] = {"requests": requests, "limits": limits}
+    if "cpu" in requests:
+        objs.env("FINETUNE_CPUS", resourceFieldRef={"resource": "requests.cpu", "divisor": "1"})
     if ctx.stage == "train":
         # NCCL and dataloader workers need more shared memory than a container's default 64Mi.
         objs.pod["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}})
