@@ -9,18 +9,24 @@ summaries) to stay fast.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from finetune_operator.stages.contract import PROGRESS_KEY
 
 from .apiserver import ApiServer
 from .cluster import (
@@ -218,6 +224,7 @@ def assert_events_once(events: list[dict[str, Any]], runs: int = 1) -> collectio
 
 
 STEPS = 60  # the four-real-stages test's train length
+STEP_RECORD = json.dumps({PROGRESS_KEY: "progress"})[1:-1]  # in a stage log line: a train step
 
 
 def e2e_spec(model: str, train: str, evaluation: str, output: str, steps: int = 20) -> dict[str, Any]:
@@ -276,6 +283,25 @@ class Watcher:
             self._add(done.stdout)
 
 
+@contextlib.contextmanager
+def train_paused_after_a_step(cluster: Cluster) -> Iterator[None]:
+    """The train pod's process stopped (SIGSTOP) once its log shows a step, until the block ends: a micro model trains
+    its steps faster than the log reaches the status (the kubelet publishes each second, the operator polls)."""
+
+    def stepped() -> int | None:
+        for pod in list(cluster.running.values()):
+            if pod.name.startswith(f"{NAME}-train") and pod.log.exists() and STEP_RECORD in pod.log.read_text():
+                return pod.process.pid
+        return None
+
+    pid = wait_until(stepped, 600, "the train pod's first step")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 @pytest.mark.timeout(1800)  # four real stages twice (cluster, then local) on 2 cores that may be shared
 def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: Path):
     from finetune_operator.stages.tiny import build_tiny_model
@@ -303,6 +329,8 @@ def test_a_finetunejob_runs_the_four_real_stages_end_to_end(env: Env, tmp_path: 
     with Watcher(env.server, env.namespace) as watcher:
         env.apply(e2e_spec("pvc://models/tiny", "pvc://data/train.jsonl", "pvc://data/eval.jsonl",
                            "pvc://models/out", steps=STEPS))  # fmt: skip
+        with train_paused_after_a_step(cluster):  # however fast it trains, kubectl sees it mid-way
+            wait_until(lambda: any("train step" in row for row in watcher.rows), 120, "a train step row in kubectl")
         status = env.wait_phase("Succeeded", timeout=900)
 
     # kubectl showed the job moving through its stages, with the train step as it went.
